@@ -1,0 +1,27 @@
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint format bench clean
+
+install:  ## make .venv and install the project with its test extra
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[test]"
+
+test:  ## run the test suite
+	$(BIN)/pytest -q
+
+lint:  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench:  ## benchmarks (not tests); see README "Performance"
+	$(BIN)/python scripts/bench_convert.py --help
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
