@@ -54,10 +54,10 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = MXFP4ExpertLinear(E, H, I)
-        self.up_proj = MXFP4ExpertLinear(E, H, I)
-        self.down_proj = MXFP4ExpertLinear(E, I, H)
+        E, H, W = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = MXFP4ExpertLinear(E, H, W)
+        self.up_proj = MXFP4ExpertLinear(E, H, W)
+        self.down_proj = MXFP4ExpertLinear(E, W, H)
         self.limit = cfg.swiglu_limit
 
     def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
