@@ -1,0 +1,208 @@
+"""The generation engine: chunked prefill, then decoding pipelined with `mx.async_eval`.
+
+Harmony is handled above this layer: the engine takes prompt ids and yields token ids, stopping on
+the ids it is given (for gpt-oss chat: `<|return|>` and `<|call|>`, never `<|end|>`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import GptOssError, UsageError
+
+# Prompt tokens per forward pass during prefill. Larger chunks amortise weight reads across more
+# tokens (the sorted expert gather reads each expert once per chunk); smaller ones bound the
+# attention scores' memory. Tuned with `gptoss-mlx bench`.
+PREFILL_CHUNK = 512
+
+
+class NonFiniteLogitsError(GptOssError):
+    """The model produced NaN or infinite logits (corrupt weights or an overflowing dtype)."""
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings; the defaults are OpenAI's recommendation for gpt-oss (T=1, top-p=1)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise UsageError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise UsageError(f"min_p must be in [0, 1), got {self.min_p}")
+
+    def sampler(self) -> Callable[[mx.array], mx.array]:
+        """A function of log-probabilities [B, vocab] -> token ids [B] (mlx-lm's samplers)."""
+        self.validate()
+        return make_sampler(
+            temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k
+        )
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | "
+            f"peak memory: {self.peak_memory_bytes / 1e9:.2f} GB"
+        )
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def prefill(
+    model: Any, tokens: Sequence[int], cache: list[Any], chunk: int = PREFILL_CHUNK
+) -> mx.array:
+    """Run `tokens` through the model into `cache`; return the logits of the last one [vocab].
+
+    Only the last chunk projects to the vocabulary, and only for its last position.
+    """
+    if not tokens:
+        raise UsageError("the prompt is empty")
+    ids = mx.array(list(tokens), dtype=mx.uint32)[None]  # (1, T)
+    T = ids.shape[1]
+    start = 0
+    while T - start > chunk:
+        model.hidden(ids[:, start : start + chunk], cache)
+        mx.eval([c.state for c in cache])
+        start += chunk
+    return model(ids[:, start:], cache=cache, last_only=True)[0, -1]
+
+
+def _check_finite(ok: bool) -> None:
+    if not ok:
+        raise NonFiniteLogitsError(
+            "the model produced non-finite logits (NaN or inf); the weights may be corrupt: "
+            "run `gptoss-mlx verify` on the model folder"
+        )
+
+
+def generate_tokens(
+    model: Any,
+    prompt: Sequence[int],
+    *,
+    max_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampling: SamplingParams | None = None,
+    cache: list[Any] | None = None,
+    max_context: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield sampled token ids after `prompt`, at most `max_tokens`, stopping after a stop id
+    (which is yielded) or when the sequence would pass `max_context` tokens.
+
+    `stats` (if given) is filled in as generation runs; its `finish_reason` ends as "stop" or
+    "length". Pass `cache` to continue from (and keep) a cache; it must hold no more tokens than
+    the model has seen before `prompt`.
+    """
+    sampling = sampling or SamplingParams()
+    sampler = sampling.sampler()
+    stats = stats if stats is not None else GenerationStats()
+    stop = set(stop_ids)
+    cache = cache if cache is not None else model.make_cache()
+    already = cache[0].offset if cache else 0
+    limit = max_context or model.config.max_position_embeddings
+    if already + len(prompt) >= limit:
+        raise UsageError(
+            f"the prompt has {already + len(prompt)} tokens; the context limit is {limit}"
+        )
+    budget = min(max_tokens, limit - already - len(prompt))
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    mx.reset_peak_memory()
+
+    def step(logits: mx.array) -> tuple[mx.array, mx.array]:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs[None])[0], mx.isfinite(logits).all()
+
+    t0 = time.perf_counter()
+    stats.prompt_tokens = len(prompt)
+    logits = prefill(model, prompt, cache)
+    y, ok = step(logits)
+    mx.eval(y, ok)
+    stats.prompt_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    stats.finish_reason = "length"
+    n = 0
+    try:
+        while True:
+            _check_finite(ok.item())
+            token = y.item()
+            n += 1
+            last = token in stop or n >= budget
+            if not last:
+                # Build and launch the next step before handing this token out, so the device
+                # works while the caller streams text.
+                next_y, next_ok = step(model(y.reshape(1, 1), cache=cache)[0, -1])
+                mx.async_eval(next_y, next_ok)
+            stats.generation_tokens = n
+            stats.generation_seconds = time.perf_counter() - t1
+            yield token
+            if last:
+                if token in stop:
+                    stats.finish_reason = "stop"
+                break
+            y, ok = next_y, next_ok
+    finally:
+        stats.generation_seconds = time.perf_counter() - t1
+        stats.peak_memory_bytes = mx.get_peak_memory()
+
+
+def generate(
+    model: Any,
+    prompt: Sequence[int],
+    *,
+    max_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampling: SamplingParams | None = None,
+    max_context: int | None = None,
+) -> GenerationResult:
+    """Run `generate_tokens` to the end and return the tokens with their stats."""
+    res = GenerationResult()
+    res.tokens = list(
+        generate_tokens(
+            model,
+            prompt,
+            max_tokens=max_tokens,
+            stop_ids=stop_ids,
+            sampling=sampling,
+            max_context=max_context,
+            stats=res.stats,
+        )
+    )
+    return res
