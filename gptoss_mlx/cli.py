@@ -32,8 +32,137 @@ def handle_errors(fn):
                 raise
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # `gptoss-mlx generate ... | head`: the reader left; stop quietly.
+            _silence_stdout()
+            sys.exit(0)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def model_options(fn):
+    """Options shared by the commands that run the model."""
+    opts = [
+        click.option(
+            "-m",
+            "--model",
+            envvar="GPTOSS_MLX_MODEL",
+            default=None,
+            metavar="MODEL",
+            help="A converted folder, a Hugging Face-layout folder or a hub repo id "
+            "(converted once into $GPTOSS_MLX_HOME). [default: openai/gpt-oss-20b; env "
+            "GPTOSS_MLX_MODEL]",
+        ),
+        click.option(
+            "-r",
+            "--reasoning-effort",
+            type=click.Choice(["low", "medium", "high"]),
+            default="medium",
+            show_default=True,
+            help="How long the model thinks before answering.",
+        ),
+        click.option("--system", "system", default=None, help="Instructions for the model."),
+        click.option(
+            "--developer", default=None, help="Developer instructions (joined after --system)."
+        ),
+        click.option(
+            "--tools",
+            "tools_file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="JSON file of OpenAI function tools the model may call.",
+        ),
+        click.option(
+            "-t",
+            "--temp",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Sampling temperature; 0 is greedy.",
+        ),
+        click.option(
+            "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling."
+        ),
+        click.option(
+            "--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest (0: off)."
+        ),
+        click.option(
+            "--min-p", type=float, default=0.0, show_default=True, help="Min-p sampling (0: off)."
+        ),
+        click.option(
+            "--seed", type=int, default=None, help="Random seed for reproducible sampling."
+        ),
+        click.option(
+            "-n",
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=4096,
+            show_default=True,
+            help="Most tokens to generate per turn (reasoning included).",
+        ),
+        click.option(
+            "--max-context",
+            type=click.IntRange(min=16),
+            default=None,
+            help="Most tokens in the context (prompt + answer). [default: the model's limit]",
+        ),
+        click.option(
+            "-v", "--verbose", is_flag=True, help="Print speed and memory after each turn."
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _session(
+    model,
+    system,
+    developer,
+    tools_file,
+    reasoning_effort,
+    temp,
+    top_p,
+    top_k,
+    min_p,
+    seed,
+    max_tokens,
+    max_context,
+    **_,
+):
+    """Load the model and start a ChatSession from the shared options."""
+    from gptoss_mlx.convert.resolve import resolve_model
+
+    from .chat import ChatSession
+    from .console import load_tools_file
+    from .generate import SamplingParams
+    from .loading import load
+
+    sampling = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    sampling.validate()
+    tools = load_tools_file(tools_file) if tools_file else []
+    instructions = "\n\n".join(t for t in (system, developer) if t) or None
+    path = resolve_model(model)
+    mdl, tok = load(path)
+    return ChatSession(
+        mdl,
+        tok,
+        reasoning_effort=reasoning_effort,
+        instructions=instructions,
+        tools=tools,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        max_context=max_context,
+    )
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -48,6 +177,268 @@ def main(debug: bool) -> None:
     Chat with it:
       gptoss-mlx chat --model ~/models/gpt-oss-20b-mlx
     """
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@handle_errors
+def verify(folder: str) -> None:
+    """Check a converted model FOLDER against its manifest (sizes and sha256 of every file).
+
+    Exits 0 when the folder is intact, 1 and one line per problem otherwise.
+
+    \b
+    Example:
+      gptoss-mlx verify ~/models/gpt-oss-20b-mlx
+    """
+    from pathlib import Path
+
+    from .loading import read_manifest
+    from .verify import verify_folder
+
+    files = read_manifest(Path(folder).expanduser())
+    total = sum(int(m.get("size", 0)) for m in files.values())
+    with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
+        problems = verify_folder(folder, progress=bar.update)
+    for p in problems:
+        click.echo(f"{folder}/{p}", err=True)
+    if problems:
+        raise GptOssError(f"{folder}: {len(problems)} problem(s); convert the model again")
+    click.echo(f"{folder}: ok ({len(files)} files, {total / 1e9:.2f} GB)")
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("src")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option(
+    "-r",
+    "--recipe",
+    type=click.Choice(["mxfp4-q8", "mxfp4-q4", "mxfp4-bf16"]),
+    default="mxfp4-q8",
+    show_default=True,
+    help="How to store the dense (non-expert) matrices; experts always stay MXFP4.",
+)
+@click.option(
+    "--dtype",
+    default="bfloat16",
+    show_default=True,
+    help="bfloat16 or float32, for unquantized tensors and quantization scales (float16 is refused).",
+)
+@click.option(
+    "-f", "--force", is_flag=True, help="Replace OUT if it is an existing converted folder."
+)
+@click.option("--revision", help="Hub branch, tag or commit sha (hub repo ids only).")
+@click.option(
+    "--shard-size", default="5GB", show_default=True, help="Largest shard file, e.g. 2GB."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@handle_errors
+def convert(
+    src: str,
+    out: str,
+    recipe: str,
+    dtype: str,
+    force: bool,
+    revision: str | None,
+    shard_size: str,
+    quiet: bool,
+) -> None:
+    """Convert a gpt-oss checkpoint into an MLX model folder at OUT.
+
+    \b
+    SRC is one of:
+      - a Hugging Face repo id, e.g. openai/gpt-oss-20b (downloads only the
+        HF-layout files, ~13.8 GB, into the Hugging Face cache; --revision pins it)
+      - a local Hugging Face-layout folder (config.json, model*.safetensors)
+      - OpenAI's original/ folder (config.json, model.safetensors), or a
+        folder that holds only original/
+    Nothing is unpickled: *.bin, *.pt and *.py files are ignored.
+
+    \b
+    Recipes (sizes on disk for gpt-oss-20b, bfloat16):
+      mxfp4-q8    experts MXFP4 as released; embeddings, attention and lm_head
+                  8-bit affine (group 64)                        ~12.1 GB
+      mxfp4-q4    the same with 4-bit affine                     ~11.2 GB
+      mxfp4-bf16  lossless: everything except experts as released ~13.8 GB
+    The router, norms, sinks and biases are never quantized.
+
+    \b
+    OUT appears only when complete (written beside it, then renamed); an
+    interrupted or failed conversion leaves nothing behind.
+
+    \b
+    Example:
+      gptoss-mlx convert openai/gpt-oss-20b ~/models/gpt-oss-20b-mlx
+      gptoss-mlx convert ./gpt-oss-20b ./gpt-oss-20b-mlx-q4 --recipe mxfp4-q4
+    """
+    from .convert.convert import convert as run_convert
+    from .convert.convert import parse_size
+
+    run_convert(
+        src,
+        out,
+        recipe=recipe,
+        dtype=dtype,
+        force=force,
+        revision=revision,
+        progress=not quiet,
+        shard_size=parse_size(shard_size),
+    )
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("request_file", metavar="[FILE|-]", default="-", type=click.File("rb"))
+@click.option("--ids", is_flag=True, help="Print token ids (a JSON list) instead of text.")
+@click.option(
+    "-m",
+    "--model",
+    type=click.Path(exists=True, file_okay=False),
+    help="Model folder whose tokenizer.json to use for --ids (default: o200k_base from "
+    "$TIKTOKEN_ENCODINGS_BASE or tiktoken's cache).",
+)
+@click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today).")
+@handle_errors
+def prompt(request_file, ids: bool, model: str | None, date: str | None) -> None:
+    """Show the harmony prompt the model would get for a chat request.
+
+    \b
+    FILE holds an OpenAI-style chat request (JSON: {"messages": [...], "tools": [...],
+    "reasoning_effort": "low"|"medium"|"high"}) or a bare list of messages; - reads stdin.
+    Example:
+      echo '[{"role": "user", "content": "Hi"}]' | gptoss-mlx prompt --date 2025-01-01
+    """
+    import json
+
+    from .chat_request import load_chat_request
+    from .harmony import render_prompt, render_text
+    from .tokenizer import load_default_tokenizer, load_tokenizer
+
+    name = getattr(request_file, "name", "<stdin>")
+    name = "stdin" if name in ("<stdin>", "-") else name
+    request = load_chat_request(request_file.read(), source=name)
+    if not ids:
+        click.echo(render_text(request, date=date))
+        return
+    tokenizer = load_tokenizer(model) if model else load_default_tokenizer()
+    click.echo(json.dumps(render_prompt(request, tokenizer, date=date)))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "-p", "--prompt", "prompt_text", default=None, help="The prompt (default: read stdin)."
+)
+@model_options
+@click.option("--show-reasoning", is_flag=True, help="Stream the model's reasoning to stderr.")
+@click.option("--raw", is_flag=True, help="Plain text completion of the prompt, without harmony.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object with the whole result."
+)
+@handle_errors
+def generate(
+    prompt_text, show_reasoning: bool, raw: bool, as_json: bool, verbose: bool, **opts
+) -> None:
+    """Answer one prompt: the final answer streams to stdout.
+
+    \b
+    Examples:
+      gptoss-mlx generate -p "Why is the sky blue?"
+      echo "Summarise: ..." | gptoss-mlx generate -r low
+      gptoss-mlx generate -p "Weather in Paris?" --tools tools.json --json
+      gptoss-mlx generate --raw -p "def fibonacci(n):" -t 0 -n 64
+
+    Exit status: 0 ok, 2 bad usage or input, 1 runtime failure.
+    """
+    import json as _json
+
+    from .errors import UsageError
+
+    if prompt_text is None:
+        if sys.stdin.isatty():
+            raise UsageError("no prompt: pass -p TEXT or pipe the prompt on stdin")
+        prompt_text = sys.stdin.read()
+    if not prompt_text.strip():
+        raise UsageError("the prompt is empty")
+    session = _session(**opts)
+    if raw:
+        from .generate import GenerationStats, generate_tokens
+        from .tokenizer import StreamingDetokenizer
+
+        tok = session.tokenizer
+        stats = GenerationStats()
+        detok = StreamingDetokenizer(tok)
+        pieces = []
+        eos = (tok.special("<|endoftext|>"), tok.return_)
+        for t in generate_tokens(
+            session.model,
+            tok.encode(prompt_text),
+            max_tokens=session.max_tokens,
+            stop_ids=eos,
+            sampling=session.sampling,
+            max_context=session.max_context,
+            stats=stats,
+        ):
+            if t in eos:
+                break
+            piece = detok.add(t)
+            pieces.append(piece)
+            if not as_json:
+                click.echo(piece, nl=False)
+        pieces.append(detok.flush())
+        text = "".join(pieces)
+        if as_json:
+            click.echo(
+                _json.dumps(
+                    {
+                        "text": text,
+                        "finish_reason": stats.finish_reason,
+                        "usage": {
+                            "prompt_tokens": stats.prompt_tokens,
+                            "completion_tokens": stats.generation_tokens,
+                        },
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            click.echo(pieces[-1])
+        if verbose:
+            click.echo(stats.summary(), err=True)
+        return
+    from .console import TurnPrinter
+
+    printer = TurnPrinter(show_reasoning=show_reasoning)
+    result = session.send(prompt_text, None if as_json else printer)
+    if as_json:
+        click.echo(_json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        printer.end()
+        if result.finish_reason == "length":
+            click.echo("[stopped: max tokens or context limit reached]", err=True)
+    if verbose:
+        click.echo(result.stats.summary(), err=True)
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@model_options
+@click.option("--hide-reasoning", is_flag=True, help="Do not show the model's reasoning.")
+@handle_errors
+def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
+    """Chat with gpt-oss in the terminal (harmony format, streaming).
+
+    The reasoning streams dim, the answer plain. Type /help inside for commands
+    (/effort, /system, /reset, /save, /load, /stats, /quit). With stdin not a terminal,
+    each input line is one user message.
+
+    \b
+    Examples:
+      gptoss-mlx chat                      # openai/gpt-oss-20b, converted on first use
+      gptoss-mlx chat -m ~/models/gpt-oss-20b-mlx -r high
+      gptoss-mlx chat --tools tools.json --system "Answer in French."
+    """
+    from .repl import ChatLoop
+
+    session = _session(**opts)
+    ChatLoop(session, show_reasoning=not hide_reasoning, verbose=verbose).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,416 @@
+"""Continuous batching: up to `batch_size` sequences decode together, one forward pass per step.
+
+Each new prompt is prefilled alone (the single-sequence `prefill`, so its first token is exactly
+what `generate` would sample), then its per-layer caches are merged into the running batch:
+mlx-lm's `BatchKVCache` for full layers (left-padded, growing) and `BatchRotatingKVCache` for
+sliding layers (a `sliding_window`-token ring per row). Both carry a per-row `offset` array, which
+`Attention` hands to RoPE, and build the per-row masks `GptOss.hidden` asks for; tests/test_batching.py
+checks them against single-sequence logits across the window boundary, merges and removals.
+A finished row is dropped from the caches, and its slot goes to the next waiting prompt.
+
+Decoding is pipelined as in `generate_tokens`: step t+1 is launched with the tokens of step t
+before the host reads them. A row that is known to be at its token budget is dropped before the
+launch; a row that hits a stop id costs one wasted row in the step already launched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
+
+from .errors import GptOssError, UsageError
+from .generate import SamplingParams, prefill
+
+# The message of NonFiniteLogitsError, as the error of the one sequence it hit.
+_NON_FINITE = (
+    "the model produced non-finite logits (NaN or inf) for this sequence; "
+    "the weights may be corrupt: run `gptoss-mlx verify` on the model folder"
+)
+
+# harmony's stop tokens: <|return|> (final answer done) and <|call|> (tool call).
+HARMONY_STOP_IDS = (200002, 200012)
+
+
+@dataclass
+class BatchRequest:
+    """One prompt to complete. `id` defaults to the request's index in the input order;
+    `stop_ids` and `max_context` default to the engine's."""
+
+    prompt: Sequence[int]
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    id: Any = None
+    stop_ids: Sequence[int] | None = None
+    max_context: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """A finished sequence. `finish_reason` is "stop" (a stop id, included in `tokens`),
+    "length" (max_tokens or the context limit) or "error" (then `error` says why; `tokens`
+    holds what was generated before)."""
+
+    id: Any
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class BatchStats:
+    """Aggregate figures of one `BatchEngine.run`."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0  # batched decode forward passes
+    row_steps: int = 0  # sum of the batch sizes of those passes
+    max_rows: int = 0  # most sequences decoding together
+    peak_memory_bytes: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per wall-clock second, prefill time included."""
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.row_steps / self.steps if self.steps else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.requests} requests | prompt: {self.prompt_tokens} tokens | "
+            f"generation: {self.completion_tokens} tokens in {self.seconds:.2f} s, "
+            f"{self.tokens_per_second:.1f} tokens/s | mean batch {self.mean_batch:.1f} | "
+            f"peak memory: {self.peak_memory_bytes / 1e9:.2f} GB"
+        )
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class RowSampling:
+    """Per-row sampling parameters as arrays, so one batched call samples every row.
+
+    Each row owns a PRNG key that is split once per token it samples, so a seeded sequence
+    draws the same random numbers whatever batch it shares and whichever slot it sits in.
+    """
+
+    temperature: mx.array  # (B,) float32; 0 = greedy
+    top_p: mx.array  # (B,) float32; 1 = off
+    top_k: mx.array  # (B,) int32; 0 = off
+    min_p: mx.array  # (B,) float32; 0 = off
+    keys: mx.array  # (B, 2) uint32
+    params: list[SamplingParams]
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> RowSampling:
+        """Arrays for `params`; a row without a seed gets a key from MLX's global generator."""
+        keys = [mx.random.key(p.seed) if p.seed is not None else _fresh_key() for p in params]
+        return cls(
+            temperature=mx.array([p.temperature for p in params], dtype=mx.float32),
+            top_p=mx.array([p.top_p for p in params], dtype=mx.float32),
+            top_k=mx.array([p.top_k for p in params], dtype=mx.int32),
+            min_p=mx.array([p.min_p for p in params], dtype=mx.float32),
+            keys=mx.stack(keys),
+            params=list(params),
+        )
+
+    def take(self, idx: mx.array, rows: Sequence[int]) -> RowSampling:
+        return RowSampling(
+            self.temperature[idx],
+            self.top_p[idx],
+            self.top_k[idx],
+            self.min_p[idx],
+            self.keys[idx],
+            [self.params[i] for i in rows],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[RowSampling]) -> RowSampling:
+        def cat(name: str) -> mx.array:
+            return mx.concatenate([getattr(p, name) for p in parts])
+
+        names = ("temperature", "top_p", "top_k", "min_p", "keys")
+        return RowSampling(*(cat(n) for n in names), [q for p in parts for q in p.params])
+
+
+def _fresh_key() -> mx.array:
+    # randint draws through float32, so build each 32-bit half from two 16-bit draws.
+    r = mx.random.randint(0, 1 << 16, (4,)).astype(mx.uint32)
+    return (r[0::2] << 16) | r[1::2]
+
+
+_split_keys = mx.vmap(mx.random.split)
+
+
+def sample_rows(logprobs: mx.array, s: RowSampling) -> tuple[mx.array, RowSampling]:
+    """Sample one token per row of `logprobs` [B, vocab] with that row's settings.
+
+    Returns (tokens [B], the sampling state with advanced keys). The filters keep what mlx-lm's
+    `make_sampler` chain (top-p, then min-p, then top-k, on untempered log-probabilities) keeps,
+    except that a tie at a top-k boundary keeps every tied token; each filter keeps a prefix of
+    the sorted vocabulary, so they reduce to one threshold per row. The draw is Gumbel-max:
+    argmax(logprobs / T + Gumbel noise), which samples softmax(logprobs / T).
+    """
+    greedy = mx.argmax(logprobs, axis=-1)
+    ps = s.params
+    if all(p.temperature == 0 for p in ps):
+        return greedy, s
+    neg_inf = mx.array(-mx.inf, dtype=logprobs.dtype)
+    thresholds = []
+    use_k = any(p.top_k > 0 for p in ps)
+    use_p = any(p.top_p < 1.0 for p in ps)
+    if use_k or use_p:
+        desc = -mx.sort(-logprobs, axis=-1)  # (B, V), largest first
+        if use_k:
+            kth = mx.take_along_axis(desc, mx.maximum(s.top_k - 1, 0)[:, None], axis=-1)
+            thresholds.append(mx.where(s.top_k[:, None] > 0, kth, neg_inf))
+        if use_p:
+            probs = mx.exp(desc.astype(mx.float32))
+            before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+            total = probs.sum(axis=-1, keepdims=True)
+            n_keep = (before < s.top_p[:, None] * total).sum(axis=-1, keepdims=True)
+            last = mx.take_along_axis(desc, mx.maximum(n_keep - 1, 0), axis=-1)
+            thresholds.append(mx.where(s.top_p[:, None] < 1.0, last, neg_inf))
+    if any(p.min_p > 0 for p in ps):
+        top = logprobs.max(axis=-1, keepdims=True)
+        floor = top + mx.log(mx.maximum(s.min_p, 1e-30))[:, None].astype(logprobs.dtype)
+        thresholds.append(mx.where(s.min_p[:, None] > 0, floor, neg_inf))
+    x = logprobs
+    for t in thresholds:
+        x = mx.where(x >= t, x, neg_inf)
+    pairs = _split_keys(s.keys)  # (B, 2, 2): the row's next key, and the key to draw with now
+    noise = mx.vmap(lambda k: mx.random.gumbel((x.shape[-1],), key=k))(pairs[:, 1])
+    temp = s.temperature[:, None]
+    drawn = mx.argmax(x / mx.where(temp > 0, temp, 1.0) + noise, axis=-1)
+    tokens = mx.where(s.temperature > 0, drawn, greedy)
+    return tokens, RowSampling(s.temperature, s.top_p, s.top_k, s.min_p, pairs[:, 0], ps)
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+def merge_caches(caches: Sequence[list[Any]]) -> list[Any]:
+    """Per layer, stack single-sequence caches (`model.make_cache()`) into one batch cache,
+    left-padded to the longest: BatchRotatingKVCache for sliding layers, BatchKVCache for full."""
+    merged = []
+    for layer in zip(*caches, strict=True):
+        kind = BatchRotatingKVCache if isinstance(layer[0], RotatingKVCache) else BatchKVCache
+        merged.append(kind.merge(list(layer)))
+    return merged
+
+
+@dataclass
+class _Row:
+    id: Any
+    prompt_tokens: int
+    budget: int  # tokens it may generate: max_tokens, capped by its context limit
+    stop: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+
+    def result(self, reason: str, error: str | None = None) -> BatchResult:
+        return BatchResult(
+            self.id, self.tokens, reason, self.prompt_tokens, len(self.tokens), error
+        )
+
+
+@dataclass
+class _Joining:
+    """A prefilled sequence waiting to be merged: its caches and its (lazy) first token."""
+
+    row: _Row
+    cache: list[Any]
+    y: mx.array  # (1,)
+    ok: mx.array  # (1,)
+    sampling: RowSampling
+
+
+class _Batch:
+    """The running rows, their batch caches and, per row, the sampled token not yet read back
+    (`y`, with `ok` saying whether its logits were finite)."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: list[Any] | None = None
+        self.y: mx.array | None = None
+        self.ok: mx.array | None = None
+        self.sampling: RowSampling | None = None
+
+    def extend(self, joining: list[_Joining]) -> None:
+        new_cache = merge_caches([j.cache for j in joining])
+        if self.cache is None:
+            self.cache = new_cache
+        else:
+            for mine, theirs in zip(self.cache, new_cache, strict=True):
+                mine.extend(theirs)
+        ys, oks = [j.y for j in joining], [j.ok for j in joining]
+        samplings = [j.sampling for j in joining]
+        if self.rows:
+            ys, oks, samplings = [self.y, *ys], [self.ok, *oks], [self.sampling, *samplings]
+        self.y, self.ok = mx.concatenate(ys), mx.concatenate(oks)
+        self.sampling = RowSampling.concat(samplings)
+        self.rows += [j.row for j in joining]
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (indices into the current rows) in the caches and state."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.y = self.ok = self.sampling = None
+            return
+        idx = mx.array(keep)
+        for c in self.cache:
+            c.filter(idx)
+        self.y, self.ok = self.y[idx], self.ok[idx]
+        self.sampling = self.sampling.take(idx, keep)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class BatchEngine:
+    """Continuous-batching generator over a `GptOss` model.
+
+    `run(requests)` yields a `BatchResult` for each request as soon as its sequence finishes
+    (not in input order); `stats` then holds the run's aggregate figures. Problems with one
+    request (empty or too long prompt, bad settings, non-finite logits) end that request with
+    finish_reason "error" and leave the others running.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        batch_size: int = 8,
+        stop_ids: Sequence[int] = HARMONY_STOP_IDS,
+        max_context: int | None = None,
+    ):
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        if max_context is not None and max_context < 2:
+            raise UsageError(f"max_context must be >= 2, got {max_context}")
+        self.model = model
+        self.batch_size = batch_size
+        self.stop_ids = tuple(stop_ids)
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.stats = BatchStats()
+
+    def run(self, requests: Iterable[BatchRequest]) -> Iterator[BatchResult]:
+        """Generate for every request (read lazily, as slots free up); yield each as it ends."""
+        stats = self.stats = BatchStats()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        pending = enumerate(requests)
+        exhausted = False
+        batch = _Batch()
+        try:
+            while True:
+                joining: list[_Joining] = []
+                while not exhausted and len(batch.rows) + len(joining) < self.batch_size:
+                    item = next(pending, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    stats.requests += 1
+                    started = self._start(*item)
+                    if isinstance(started, BatchResult):
+                        yield started
+                    else:
+                        stats.prompt_tokens += started.row.prompt_tokens
+                        joining.append(started)
+                if joining:
+                    batch.extend(joining)
+                if not batch.rows:
+                    if exhausted:
+                        return
+                    continue
+                stats.max_rows = max(stats.max_rows, len(batch.rows))
+                yield from self._step(batch)
+        finally:
+            stats.seconds = time.perf_counter() - t0
+            stats.peak_memory_bytes = mx.get_peak_memory()
+
+    def _start(self, index: int, req: BatchRequest) -> _Joining | BatchResult:
+        """Validate and prefill one request; an error result if it cannot run."""
+        rid = req.id if req.id is not None else index
+        prompt = list(req.prompt)
+        row = _Row(rid, len(prompt), 0, frozenset(self.stop_ids))
+        try:
+            budget = self._budget(req, prompt)
+        except GptOssError as e:
+            return row.result("error", str(e))
+        if req.stop_ids is not None:
+            row.stop = frozenset(req.stop_ids)
+        row.budget = budget
+        cache = self.model.make_cache()
+        logits = prefill(self.model, prompt, cache)
+        sampling = RowSampling.of([req.sampling])
+        y, ok, sampling = self._sample(logits[None], sampling)
+        return _Joining(row, cache, y, ok, sampling)
+
+    def _budget(self, req: BatchRequest, prompt: list[int]) -> int:
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise UsageError(f"the prompt has token ids outside [0, {vocab})")
+        if req.max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        req.sampling.validate()
+        seed = req.sampling.seed
+        if seed is not None and not 0 <= seed < 2**64:
+            raise UsageError(f"seed must be in [0, 2**64), got {seed}")
+        limit = req.max_context or self.max_context
+        if len(prompt) >= limit:
+            raise UsageError(f"the prompt has {len(prompt)} tokens; the context limit is {limit}")
+        return min(req.max_tokens, limit - len(prompt))
+
+    @staticmethod
+    def _sample(logits: mx.array, sampling: RowSampling) -> tuple[mx.array, mx.array, RowSampling]:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y, sampling = sample_rows(logprobs, sampling)
+        return y, mx.isfinite(logits).all(axis=-1), sampling
+
+    def _step(self, batch: _Batch) -> Iterator[BatchResult]:
+        """Launch the next forward pass, then read back and hand out the previous tokens."""
+        rows, y, ok = batch.rows, batch.y, batch.ok
+        # A row whose pending token is its last is never fed back: no wasted work, and its
+        # caches never hold more than its context limit.
+        feed = [i for i, r in enumerate(rows) if len(r.tokens) + 1 < r.budget]
+        batch.keep(feed)
+        if feed:
+            logits = self.model(batch.y[:, None], cache=batch.cache)[:, -1]  # (B, V)
+            batch.y, batch.ok, batch.sampling = self._sample(logits, batch.sampling)
+            mx.async_eval(batch.y, batch.ok, batch.sampling.keys)
+            self.stats.steps += 1
+            self.stats.row_steps += len(feed)
+        tokens, finite = y.tolist(), ok.tolist()
+        done = []
+        finished = set()
+        for i, row in enumerate(rows):
+            reason = error = None
+            if not finite[i]:
+                reason, error = "error", _NON_FINITE
+            else:
+                row.tokens.append(tokens[i])
+                if tokens[i] in row.stop:
+                    reason = "stop"
+                elif len(row.tokens) >= row.budget:
+                    reason = "length"
+            if reason is not None:
+                finished.add(i)
+                done.append(row.result(reason, error))
+        self.stats.completion_tokens += sum(finite)
+        if finished:
+            batch.keep([k for k, i in enumerate(feed) if i not in finished])
+        yield from done
