@@ -27,6 +27,7 @@ from .harmony_parser import (
     build_result,
     message_kind,
 )
+from .prompt_cache import PromptCache
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -55,6 +56,8 @@ class TurnResult:
     completion_tokens: int
     stats: GenerationStats = field(default_factory=GenerationStats)
     preambles: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # what the model generated
+    reused_tokens: int = 0  # prompt tokens that came from the cache instead of a prefill
 
     @property
     def usage(self) -> dict[str, int]:
@@ -106,11 +109,14 @@ def run_turn(
     max_context: int | None = None,
     on_event: Callable[[TurnEvent], None] | None = None,
     call_id_prefix: str = "call_",
+    cache: list[Any] | None = None,
+    on_prefilled: Callable[[], None] | None = None,
 ) -> TurnResult:
     """Generate one assistant turn after a harmony `prompt` ending in `<|start|>assistant`.
 
     Stops on `<|return|>` (answer done) or `<|call|>` (tool call), never on `<|end|>`, which the
-    model writes between its analysis and its answer.
+    model writes between its analysis and its answer. With `cache`, `prompt` is only the part
+    after what the cache holds (see `generate_tokens`).
     """
     ids = harmony_ids(tokenizer)
     parser = HarmonyStreamParser(tokenizer.decode_bytes, ids)
@@ -134,6 +140,7 @@ def run_turn(
                     )
                 )
 
+    tokens: list[int] = []
     for token in generate_tokens(
         model,
         prompt,
@@ -142,7 +149,10 @@ def run_turn(
         sampling=sampling,
         max_context=max_context,
         stats=stats,
+        cache=cache,
+        on_prefilled=on_prefilled,
     ):
+        tokens.append(token)
         handle(parser.feed(token))
     handle(parser.finish())
     res = build_result(parser.messages, parser.stopped_by, id_prefix=call_id_prefix)
@@ -158,6 +168,7 @@ def run_turn(
         completion_tokens=stats.generation_tokens,
         stats=stats,
         preambles=list(res.preambles),
+        tokens=tokens,
     )
 
 
@@ -182,6 +193,7 @@ class ChatSession:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         max_context: int | None = None,
         date: str | None = None,
+        reuse_cache: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -193,6 +205,8 @@ class ChatSession:
         self.max_context = max_context
         self.date = date or _dt.date.today().isoformat()
         self.messages: list[dict[str, Any]] = []
+        # Keeps the KV cache between turns so a turn prefills only its new tokens.
+        self.prompt_cache = PromptCache(model) if reuse_cache else None
         self.turns = 0
         self.last: TurnResult | None = None
         self.request()  # validate tools and effort now, not at the first turn
@@ -225,16 +239,24 @@ class ChatSession:
     ) -> TurnResult:
         msgs = self.messages + new
         prompt = render_prompt(self.request(msgs), self.tokenizer, date=self.date)
+        pc = self.prompt_cache
+        reused = pc.prepare(prompt) if pc is not None else 0
         result = run_turn(
             self.model,
             self.tokenizer,
-            prompt,
+            prompt[reused:],
             sampling=self.sampling,
             max_tokens=self.max_tokens,
             max_context=self.max_context,
             on_event=on_event,
             call_id_prefix=f"call_{self.turns}_",
+            cache=pc.cache if pc is not None else None,
+            on_prefilled=(lambda: pc.checkpoint(prompt)) if pc is not None else None,
         )
+        if pc is not None:
+            pc.record(result.tokens)
+        result.prompt_tokens = len(prompt)
+        result.reused_tokens = reused
         # Only a turn that ran to its end joins the history (Ctrl-C leaves it as it was).
         self.messages = msgs + [result.assistant_message()]
         self.turns += 1
@@ -263,6 +285,8 @@ class ChatSession:
         return self._run(new, on_event)
 
     def reset(self) -> None:
+        if self.prompt_cache is not None:
+            self.prompt_cache.reset()
         self.messages = []
         self.turns = 0
         self.last = None

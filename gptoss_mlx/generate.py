@@ -22,6 +22,10 @@ from .errors import GptOssError, UsageError
 PREFILL_CHUNK = 512
 
 
+class ContextLimitError(UsageError):
+    """The prompt (plus what the cache already holds) does not fit the context limit."""
+
+
 class NonFiniteLogitsError(GptOssError):
     """The model produced NaN or infinite logits (corrupt weights or an overflowing dtype)."""
 
@@ -122,13 +126,16 @@ def generate_tokens(
     cache: list[Any] | None = None,
     max_context: int | None = None,
     stats: GenerationStats | None = None,
+    on_prefilled: Callable[[], None] | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids after `prompt`, at most `max_tokens`, stopping after a stop id
     (which is yielded) or when the sequence would pass `max_context` tokens.
 
     `stats` (if given) is filled in as generation runs; its `finish_reason` ends as "stop" or
-    "length". Pass `cache` to continue from (and keep) a cache; it must hold no more tokens than
-    the model has seen before `prompt`.
+    "length". Pass `cache` to continue from (and keep) a cache: `prompt` is then only the tokens
+    after what the cache holds; `on_prefilled` runs once the prompt is in the cache (before the
+    first token is sampled), e.g. to checkpoint it. Afterwards `cache[i].offset` says how many
+    tokens the cache holds (the last yielded token is usually not fed back).
     """
     sampling = sampling or SamplingParams()
     sampler = sampling.sampler()
@@ -138,8 +145,9 @@ def generate_tokens(
     already = cache[0].offset if cache else 0
     limit = max_context or model.config.max_position_embeddings
     if already + len(prompt) >= limit:
-        raise UsageError(
-            f"the prompt has {already + len(prompt)} tokens; the context limit is {limit}"
+        raise ContextLimitError(
+            f"the conversation has {already + len(prompt)} tokens; the context limit is {limit} "
+            "(start a new conversation, shorten the prompt, or raise --max-context)"
         )
     budget = min(max_tokens, limit - already - len(prompt))
     if sampling.seed is not None:
@@ -156,6 +164,8 @@ def generate_tokens(
     y, ok = step(logits)
     mx.eval(y, ok)
     stats.prompt_seconds = time.perf_counter() - t0
+    if on_prefilled is not None:
+        on_prefilled()
     t1 = time.perf_counter()
     stats.finish_reason = "length"
     n = 0

@@ -146,6 +146,8 @@ class ChatLoop:
                 return
             printer.end()
             if self.verbose:
+                new = result.prompt_tokens - result.reused_tokens
+                self.say(f"prompt: {new} new tokens, {result.reused_tokens} reused")
                 self.say(result.stats.summary())
             if result.finish_reason == "length":
                 self.say("[stopped: max tokens or context limit reached]")
