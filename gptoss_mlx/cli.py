@@ -145,14 +145,14 @@ def _session(
     from .chat import ChatSession
     from .console import load_tools_file
     from .generate import SamplingParams
-    from .loading import load
+    from .loading import load_for_inference
 
     sampling = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     sampling.validate()
     tools = load_tools_file(tools_file) if tools_file else []
     instructions = "\n\n".join(t for t in (system, developer) if t) or None
     path = resolve_model(model)
-    mdl, tok = load(path)
+    mdl, tok, max_context = load_for_inference(path, max_context)
     return ChatSession(
         mdl,
         tok,
@@ -405,9 +405,20 @@ def generate(
             click.echo(stats.summary(), err=True)
         return
     from .console import TurnPrinter
+    from .generate import ContextLimitError
 
     printer = TurnPrinter(show_reasoning=show_reasoning)
-    result = session.send(prompt_text, None if as_json else printer)
+    try:
+        result = session.send(prompt_text, None if as_json else printer)
+    except ContextLimitError as e:
+        # The prompt alone fills the context: finish like a turn that ran out of room.
+        click.echo(f"error: {e}", err=True)
+        if as_json:
+            empty = {"final": "", "reasoning": "", "tool_calls": [], "finish_reason": "length"}
+            click.echo(
+                _json.dumps({**empty, "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
+            )
+        return
     if as_json:
         click.echo(_json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -439,6 +450,73 @@ def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
 
     session = _session(**opts)
     ChatLoop(session, show_reasoning=not hide_reasoning, verbose=verbose).run()
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model", required=False)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Sequences decoded together (KV cache per sequence).",
+)
+@handle_errors
+def info(model: str | None, batch: int) -> None:
+    """Show a converted MODEL's recipe and size, and the memory it needs at 1k-128k context.
+
+    MODEL is a converted folder or anything --model accepts that is already in the cache.
+
+    \b
+    Example:
+      gptoss-mlx info ~/models/gpt-oss-20b-mlx
+    """
+    import json as _json
+    from pathlib import Path
+
+    from gptoss_mlx.convert.resolve import DEFAULT_MODEL, cache_path, is_converted
+
+    from .config import ModelConfig
+    from .errors import UsageError
+    from .loading import default_dtype, read_manifest
+    from .memory import describe, plan_memory
+
+    spec = model or DEFAULT_MODEL
+    folder = Path(spec).expanduser()
+    if not is_converted(folder):
+        folder = cache_path(spec)
+        if not is_converted(folder):
+            raise UsageError(
+                f"{spec}: not a converted model and not in the cache; convert it first "
+                "(gptoss-mlx convert SRC OUT) or run `gptoss-mlx chat -m SRC` once"
+            )
+    files = read_manifest(folder)
+    raw = _json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = ModelConfig.from_dict(raw, source=str(folder / "config.json"))
+    ours = raw.get("gptoss_mlx", {})
+    src = ours.get("source", {})
+    dtype = default_dtype()
+    plan = plan_memory(folder, cfg, dtype)
+    size = sum(int(m["size"]) for m in files.values())
+    click.echo(f"model:      {folder}")
+    click.echo(
+        f"source:     {src.get('id')} ({src.get('layout')} layout, revision {src.get('revision')})"
+    )
+    click.echo(f"recipe:     {ours.get('recipe')} (unquantized tensors in {ours.get('dtype')})")
+    click.echo(f"on disk:    {size / 1e9:.2f} GB in {len(files)} files")
+    click.echo(
+        f"model:      {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
+        f"(top {cfg.num_experts_per_tok}), {cfg.max_position_embeddings} positions"
+    )
+    click.echo(
+        f"device:     {plan.budget / 1e9:.1f} GB usable ({plan.budget_source}); activations in {str(dtype).rsplit('.', 1)[-1]}"
+    )
+    click.echo("memory needed:")
+    for ctx in (1024, 8192, 32768, 131072):
+        mark = "fits" if plan.fits(ctx, batch) else "does not fit"
+        click.echo(f"  {ctx // 1024:>4}k context: {describe(plan, ctx, batch)}  [{mark}]")
+    best = plan.largest_context(batch, cfg.max_position_embeddings)
+    click.echo(f"default --max-context here: {best if best else 'none fits (see above)'}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def check_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
         elif p.stat().st_size != meta.get("size"):
             problems.append(f"{name} (size {p.stat().st_size}, manifest says {meta.get('size')})")
     if problems:
-        shown = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        shown = ", ".join(problems[:3]) + (
+            f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
         raise CheckpointError(f"{folder}: files changed since conversion: {shown}; convert again")
 
 
@@ -81,7 +83,9 @@ def _quantize_like_checkpoint(model: nn.Module, qcfg: dict[str, Any], names: set
             return False
         spec = qcfg.get(path, default)
         if spec is False or not isinstance(spec, dict):
-            raise CheckpointError(f"config.json: quantization for {path} is {spec!r} but it has scales")
+            raise CheckpointError(
+                f"config.json: quantization for {path} is {spec!r} but it has scales"
+            )
         return dict(spec)
 
     nn.quantize(model, class_predicate=predicate)
@@ -136,3 +140,27 @@ def load(path: str | Path, dtype: mx.Dtype | None = None) -> tuple[GptOss, Any]:
 
     model = load_model(path, dtype)
     return model, load_tokenizer(Path(path).expanduser())
+
+
+def load_for_inference(
+    path: str | Path, max_context: int | None = None, batch: int = 1, dtype: mx.Dtype | None = None
+) -> tuple[GptOss, Any, int]:
+    """Preflight memory, then load: returns (model, tokenizer, context limit to enforce).
+
+    The context limit is `max_context` when it fits, else (when None) the largest of
+    128k/64k/32k/16k/8k/4k tokens that fits this device next to the weights. Raises
+    MemoryPreflightError, saying what to change, before anything is loaded when nothing fits.
+    """
+    from .memory import choose_max_context, plan_memory, set_wired_limit
+
+    folder = Path(path).expanduser()
+    check_files(folder, read_manifest(folder))
+    cfg = ModelConfig.from_dict(
+        read_json(folder / "config.json"), source=str(folder / "config.json")
+    )
+    dtype = dtype or default_dtype()
+    plan = plan_memory(folder, cfg, dtype)
+    context = choose_max_context(plan, max_context, cfg.max_position_embeddings, batch)
+    set_wired_limit()
+    model, tokenizer = load(folder, dtype)
+    return model, tokenizer, context
