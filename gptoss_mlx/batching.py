@@ -99,49 +99,33 @@ class BatchStats:
 
 @dataclass
 class RowSampling:
-    """Per-row sampling parameters as arrays, so one batched call samples every row.
+    """Each row's sampling settings and PRNG key, so one batched call samples every row.
 
-    Each row owns a PRNG key that is split once per token it samples, so a seeded sequence
-    draws the same random numbers whatever batch it shares and whichever slot it sits in.
+    A row's key is split once per token it samples, so a seeded sequence draws the same random
+    numbers whatever batch it shares and whichever slot it sits in. The settings stay on the
+    host: `sample_rows` turns the ones in use into small arrays each step, which keeps lazy
+    gather/concatenate graphs from piling up across many joins and removals.
     """
 
-    temperature: mx.array  # (B,) float32; 0 = greedy
-    top_p: mx.array  # (B,) float32; 1 = off
-    top_k: mx.array  # (B,) int32; 0 = off
-    min_p: mx.array  # (B,) float32; 0 = off
-    keys: mx.array  # (B, 2) uint32
     params: list[SamplingParams]
+    keys: mx.array  # (B, 2) uint32
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> RowSampling:
-        """Arrays for `params`; a row without a seed gets a key from MLX's global generator."""
+        """State for `params`; a row without a seed gets a key from MLX's global generator."""
         keys = [mx.random.key(p.seed) if p.seed is not None else _fresh_key() for p in params]
-        return cls(
-            temperature=mx.array([p.temperature for p in params], dtype=mx.float32),
-            top_p=mx.array([p.top_p for p in params], dtype=mx.float32),
-            top_k=mx.array([p.top_k for p in params], dtype=mx.int32),
-            min_p=mx.array([p.min_p for p in params], dtype=mx.float32),
-            keys=mx.stack(keys),
-            params=list(params),
-        )
+        return cls(list(params), mx.stack(keys))
 
     def take(self, idx: mx.array, rows: Sequence[int]) -> RowSampling:
-        return RowSampling(
-            self.temperature[idx],
-            self.top_p[idx],
-            self.top_k[idx],
-            self.min_p[idx],
-            self.keys[idx],
-            [self.params[i] for i in rows],
-        )
+        return RowSampling([self.params[i] for i in rows], self.keys[idx])
 
     @staticmethod
     def concat(parts: Sequence[RowSampling]) -> RowSampling:
-        def cat(name: str) -> mx.array:
-            return mx.concatenate([getattr(p, name) for p in parts])
+        params = [q for p in parts for q in p.params]
+        return RowSampling(params, mx.concatenate([p.keys for p in parts]))
 
-        names = ("temperature", "top_p", "top_k", "min_p", "keys")
-        return RowSampling(*(cat(n) for n in names), [q for p in parts for q in p.params])
+    def column(self, name: str, dtype: mx.Dtype = mx.float32) -> mx.array:
+        return mx.array([getattr(p, name) for p in self.params], dtype=dtype)
 
 
 def _fresh_key() -> mx.array:
@@ -150,7 +134,15 @@ def _fresh_key() -> mx.array:
     return (r[0::2] << 16) | r[1::2]
 
 
-_split_keys = mx.vmap(mx.random.split)
+@mx.compile
+def _gumbel_draw(keys: mx.array, x: mx.array, temperature: mx.array) -> tuple[mx.array, mx.array]:
+    """argmax(x / T + Gumbel noise) per row, the noise drawn with that row's key: a sample of
+    softmax(x / T). Returns (tokens [B], next keys [B, 2]). Compiled: vmapping the key split and
+    the noise costs far more host time per step than the arithmetic."""
+    pairs = mx.vmap(mx.random.split)(keys)  # (B, 2, 2): the row's next key, the key for now
+    noise = mx.vmap(lambda k: mx.random.gumbel((x.shape[-1],), key=k))(pairs[:, 1])
+    t = temperature[:, None]
+    return mx.argmax(x / mx.where(t > 0, t, 1.0) + noise, axis=-1), pairs[:, 0]
 
 
 def sample_rows(logprobs: mx.array, s: RowSampling) -> tuple[mx.array, RowSampling]:
@@ -159,8 +151,8 @@ def sample_rows(logprobs: mx.array, s: RowSampling) -> tuple[mx.array, RowSampli
     Returns (tokens [B], the sampling state with advanced keys). The filters keep what mlx-lm's
     `make_sampler` chain (top-p, then min-p, then top-k, on untempered log-probabilities) keeps,
     except that a tie at a top-k boundary keeps every tied token; each filter keeps a prefix of
-    the sorted vocabulary, so they reduce to one threshold per row. The draw is Gumbel-max:
-    argmax(logprobs / T + Gumbel noise), which samples softmax(logprobs / T).
+    the sorted vocabulary, so they reduce to one threshold per row. The draw is Gumbel-max, as
+    in `mx.random.categorical`, but with one key per row.
     """
     greedy = mx.argmax(logprobs, axis=-1)
     ps = s.params
@@ -171,30 +163,36 @@ def sample_rows(logprobs: mx.array, s: RowSampling) -> tuple[mx.array, RowSampli
     use_k = any(p.top_k > 0 for p in ps)
     use_p = any(p.top_p < 1.0 for p in ps)
     if use_k or use_p:
-        desc = -mx.sort(-logprobs, axis=-1)  # (B, V), largest first
+        V = logprobs.shape[-1]
+        k_max = max(p.top_k for p in ps)
+        if use_p or k_max >= V:
+            desc = -mx.sort(-logprobs, axis=-1)  # (B, V), largest first
+        else:
+            # Only the k_max largest matter: partition, then sort just those (B, k_max).
+            desc = -mx.sort(mx.partition(-logprobs, k_max - 1, axis=-1)[:, :k_max], axis=-1)
         if use_k:
-            kth = mx.take_along_axis(desc, mx.maximum(s.top_k - 1, 0)[:, None], axis=-1)
-            thresholds.append(mx.where(s.top_k[:, None] > 0, kth, neg_inf))
+            top_k = s.column("top_k", mx.int32)[:, None]
+            kth = mx.take_along_axis(desc, mx.clip(top_k - 1, 0, desc.shape[-1] - 1), axis=-1)
+            thresholds.append(mx.where(top_k > 0, kth, neg_inf))
         if use_p:
             probs = mx.exp(desc.astype(mx.float32))
             before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
             total = probs.sum(axis=-1, keepdims=True)
-            n_keep = (before < s.top_p[:, None] * total).sum(axis=-1, keepdims=True)
+            top_p = s.column("top_p")[:, None]
+            n_keep = (before < top_p * total).sum(axis=-1, keepdims=True)
             last = mx.take_along_axis(desc, mx.maximum(n_keep - 1, 0), axis=-1)
-            thresholds.append(mx.where(s.top_p[:, None] < 1.0, last, neg_inf))
+            thresholds.append(mx.where(top_p < 1.0, last, neg_inf))
     if any(p.min_p > 0 for p in ps):
         top = logprobs.max(axis=-1, keepdims=True)
-        floor = top + mx.log(mx.maximum(s.min_p, 1e-30))[:, None].astype(logprobs.dtype)
-        thresholds.append(mx.where(s.min_p[:, None] > 0, floor, neg_inf))
+        min_p = s.column("min_p")[:, None]
+        floor = top + mx.log(mx.maximum(min_p, 1e-30)).astype(logprobs.dtype)
+        thresholds.append(mx.where(min_p > 0, floor, neg_inf))
     x = logprobs
     for t in thresholds:
         x = mx.where(x >= t, x, neg_inf)
-    pairs = _split_keys(s.keys)  # (B, 2, 2): the row's next key, and the key to draw with now
-    noise = mx.vmap(lambda k: mx.random.gumbel((x.shape[-1],), key=k))(pairs[:, 1])
-    temp = s.temperature[:, None]
-    drawn = mx.argmax(x / mx.where(temp > 0, temp, 1.0) + noise, axis=-1)
-    tokens = mx.where(s.temperature > 0, drawn, greedy)
-    return tokens, RowSampling(s.temperature, s.top_p, s.top_k, s.min_p, pairs[:, 0], ps)
+    temperature = s.column("temperature")
+    drawn, keys = _gumbel_draw(s.keys, x, temperature)
+    return mx.where(temperature > 0, drawn, greedy), RowSampling(ps, keys)
 
 
 # --------------------------------------------------------------------------- the batch

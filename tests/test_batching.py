@@ -257,18 +257,27 @@ def _allowed(lp: np.ndarray, top_k: int, top_p: float, min_p: float) -> set[int]
     return keep
 
 
-def test_sample_rows_filters_and_distribution():
+MIXED = [
+    SamplingParams(temperature=1.0, top_k=3, seed=1),
+    SamplingParams(temperature=1.0, top_p=0.6, seed=2),
+    SamplingParams(temperature=1.0, min_p=0.2, seed=3),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.7, seed=4),
+    SamplingParams(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05, seed=5),
+]
+# Without top-p, top-k takes the partition path instead of a full sort.
+TOP_K_ONLY = [
+    SamplingParams(temperature=1.0, top_k=3, seed=1),
+    SamplingParams(temperature=1.5, seed=2),
+    SamplingParams(temperature=0.8, top_k=6, seed=3),
+]
+
+
+@pytest.mark.parametrize("params", [MIXED, TOP_K_ONLY], ids=["mixed", "top_k_only"])
+def test_sample_rows_filters_and_distribution(params):
     rng = np.random.default_rng(3)
     lp = rng.normal(size=12) * 0.5  # flat enough that every filter keeps several tokens
     lp = lp - np.log(np.exp(lp).sum())
-    params = [
-        SamplingParams(temperature=1.0, top_k=3, seed=1),
-        SamplingParams(temperature=1.0, top_p=0.6, seed=2),
-        SamplingParams(temperature=1.0, min_p=0.2, seed=3),
-        SamplingParams(temperature=0.0),
-        SamplingParams(temperature=0.7, seed=4),
-        SamplingParams(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05, seed=5),
-    ]
     s = RowSampling.of(params)
     logprobs = mx.array(np.tile(lp, (len(params), 1)).astype(np.float32))
     n = 2000

@@ -384,6 +384,18 @@ def test_float32_dtype_widens_exactly(tmp_path, tiny_hf_checkpoint):
     assert q8["lm_head.scales"][0] == "F32" and q8["lm_head.biases"][0] == "F32"
 
 
+def test_float32_source_is_rounded_to_bfloat16(tmp_path, tiny_cfg):
+    src = write_hf_checkpoint(tmp_path / "hf", tiny_cfg, dtype="float32")
+    out = convert(src, tmp_path / "o", recipe="mxfp4-bf16", progress=False).out
+    a, b = read_all(src), read_all(out)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert a[name][0] == "F32" and b[name][0] == "BF16"
+    rounded = np.array(mx.array(a[name][1]).astype(mx.bfloat16).view(mx.uint16))
+    assert np.array_equal(b[name][1], rounded)
+    blocks = "model.layers.0.mlp.experts.down_proj"
+    assert b[blocks + ".weight"][1].tobytes() == a[blocks + "_blocks"][1].tobytes()
+
+
 def test_float16_refused(tmp_path, tiny_hf_checkpoint):
     with pytest.raises(UsageError, match="float16.*overflow"):
         convert(tiny_hf_checkpoint, tmp_path / "o", dtype="float16", progress=False)

@@ -33,7 +33,9 @@ def test_kv_cache_arithmetic_matches_real_caches(converted):
     model, _, _ = load_for_inference(folder, dtype=mx.float32)
     cache = model.make_cache()
     model(mx.array([list(range(100))]), cache=cache)
-    full = sum(c.nbytes for c, t in zip(cache, cfg.layer_types) if t == "full_attention")
+    full = sum(
+        c.nbytes for c, t in zip(cache, cfg.layer_types, strict=True) if t == "full_attention"
+    )
     # KVCache grows in steps of 256 tokens
     assert full == plan.kv_per_token * 256
     # weights as loaded: float tensors upcast to float32
