@@ -238,18 +238,20 @@ def convert(
     out = Path(out).expanduser().absolute()
     local = Path(str(src)).expanduser()
     _check_target(out, force, local if local.exists() else None)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GptOssError(f"{out.parent}: cannot create the output folder ({e.strerror})") from None
-    clean_stale(out)
 
     with _resolve_source(src, revision) as source:
         _check_target(out, force, source.weights_dir)
         jobs = plan_jobs(source.cfg, source.tensors, rec, dtype)
         specs = [s for job in jobs for s in job.specs]
         shards = plan_shards(specs, shard_size)
-        extras = [source.extras_dir / n for n in EXTRA_FILES if (source.extras_dir / n).is_file()]
+        extras = _extra_files(source.extras_dir)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GptOssError(
+                f"{out.parent}: cannot create the output folder ({e.strerror})"
+            ) from None
+        clean_stale(out)
         need = sum(shard_file_size(s) for s in shards) + sum(p.stat().st_size for p in extras)
         _check_space(out.parent, need)
         config = _output_config(source, rec.name, dtype)
@@ -311,6 +313,13 @@ def convert(
             file=sys.stderr,
         )
     return result
+
+
+def _extra_files(folder: Path) -> list[Path]:
+    """The tokenizer / chat-format files of a checkpoint (what download.HF_PATTERNS fetches)."""
+    names = {n for n in EXTRA_FILES if (folder / n).is_file()}
+    names |= {p.name for p in folder.glob("tokenizer*") if p.is_file()}
+    return [folder / n for n in sorted(names)]
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -21,6 +21,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from gptoss_mlx.cli import main as cli_main
+from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert import convert as convert_mod
 from gptoss_mlx.convert.convert import (
     clean_stale,
@@ -41,9 +44,6 @@ from gptoss_mlx.convert.synthetic import (
     write_hf_checkpoint,
     write_original_checkpoint,
 )
-
-from gptoss_mlx.cli import main as cli_main
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.errors import CheckpointError, ConfigError, GptOssError, UsageError
 
 RECIPES = ["mxfp4-q8", "mxfp4-q4", "mxfp4-bf16"]
