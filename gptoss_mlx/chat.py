@@ -17,7 +17,7 @@ from typing import Any
 from .chat_request import EFFORTS, ChatRequest, parse_chat_request
 from .errors import UsageError
 from .generate import GenerationStats, SamplingParams, generate_tokens
-from .harmony import render_prompt
+from .harmony import check_date, render_prompt
 from .harmony_parser import (
     ContentDelta,
     HarmonyIds,
@@ -114,9 +114,10 @@ def run_turn(
 ) -> TurnResult:
     """Generate one assistant turn after a harmony `prompt` ending in `<|start|>assistant`.
 
-    Stops on `<|return|>` (answer done) or `<|call|>` (tool call), never on `<|end|>`, which the
-    model writes between its analysis and its answer. With `cache`, `prompt` is only the part
-    after what the cache holds (see `generate_tokens`).
+    Stops on `<|return|>` (answer done), `<|call|>` (tool call) or `<|endoftext|>` (the third eos
+    id of gpt-oss's generation_config), never on `<|end|>`, which the model writes between its
+    analysis and its answer. With `cache`, `prompt` is only the part after what the cache holds
+    (see `generate_tokens`).
     """
     ids = harmony_ids(tokenizer)
     parser = HarmonyStreamParser(tokenizer.decode_bytes, ids)
@@ -145,7 +146,7 @@ def run_turn(
         model,
         prompt,
         max_tokens=max_tokens,
-        stop_ids=(ids.return_, ids.call),
+        stop_ids=(ids.return_, ids.call, ids.endoftext),
         sampling=sampling,
         max_context=max_context,
         stats=stats,
@@ -322,7 +323,7 @@ class ChatSession:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"{path}: not found") from None
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
             raise UsageError(f"{path}: not a saved chat ({e})") from None
         if isinstance(obj, list):
             obj = {"messages": obj}
@@ -333,9 +334,11 @@ class ChatSession:
         self.messages = messages
         self.reasoning_effort = obj.get("reasoning_effort") or self.reasoning_effort
         self.instructions = obj.get("instructions", self.instructions)
-        self.tools = obj.get("tools") or self.tools
+        # A saved chat restores its own tools (even none); a bare message list keeps the current.
+        self.tools = obj.get("tools", self.tools) or []
         self.date = obj.get("date") or self.date
         try:
+            check_date(self.date)  # rendered only at the next turn: check it now
             self.request()
         except UsageError as e:
             self.messages, self.reasoning_effort, self.instructions, self.tools, self.date = old

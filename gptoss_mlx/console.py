@@ -83,7 +83,7 @@ def load_tools_file(path: str) -> list[dict]:
             obj = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
         raise UsageError(f"{path}: not a JSON tools file ({e})") from None
     if isinstance(obj, dict):
         obj = obj.get("tools")

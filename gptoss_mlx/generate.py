@@ -137,6 +137,8 @@ def generate_tokens(
     first token is sampled), e.g. to checkpoint it. Afterwards `cache[i].offset` says how many
     tokens the cache holds (the last yielded token is usually not fed back).
     """
+    if max_tokens < 1:
+        raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
     sampling = sampling or SamplingParams()
     sampler = sampling.sampler()
     stats = stats if stats is not None else GenerationStats()
@@ -182,10 +184,11 @@ def generate_tokens(
                 mx.async_eval(next_y, next_ok)
             stats.generation_tokens = n
             stats.generation_seconds = time.perf_counter() - t1
+            if token in stop:
+                # Set before yielding: a caller may stop consuming at the stop token.
+                stats.finish_reason = "stop"
             yield token
             if last:
-                if token in stop:
-                    stats.finish_reason = "stop"
                 break
             y, ok = next_y, next_ok
     finally:

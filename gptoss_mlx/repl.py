@@ -25,6 +25,7 @@ Type a message and press Enter. For several lines, start and end them with a lin
   /stats                    speed and memory of the last turn
   /help                     this help
   /quit                     leave (or Ctrl-D)
+  //TEXT                    send a message that starts with "/"
 When the model calls a tool you are asked for its result (JSON or text); /skip declines.
 Ctrl-C stops the current answer; the conversation stays as it was before that message."""
 
@@ -124,7 +125,9 @@ class ChatLoop:
                 continue
             if not text.strip():
                 continue
-            if text.startswith("/"):
+            if text.startswith("//"):
+                text = text[1:]  # "//etc/hosts?" sends "/etc/hosts?"
+            elif text.startswith("/"):
                 if self.command(text):
                     return
                 continue

@@ -102,8 +102,19 @@ class Tokenizer:
             raise KeyError(f"not a special token: {name!r}") from None
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The raw bytes of `ids` (special tokens as their text)."""
-        return self._enc.decode_bytes(list(ids))
+        """The raw bytes of `ids` (special tokens as their text; an id the vocabulary lacks, which
+        a model with a larger embedding can still sample, as `<|token_N|>`)."""
+        ids = list(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except KeyError:
+            out = []
+            for i in ids:
+                try:
+                    out.append(self._enc.decode_single_token_bytes(i))
+                except KeyError:
+                    out.append(f"<|token_{i}|>".encode())
+            return b"".join(out)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; invalid UTF-8 becomes U+FFFD."""
