@@ -3,14 +3,22 @@
 Each new prompt is prefilled alone (the single-sequence `prefill`, so its first token is exactly
 what `generate` would sample), then its per-layer caches are merged into the running batch:
 mlx-lm's `BatchKVCache` for full layers (left-padded, growing) and `BatchRotatingKVCache` for
-sliding layers (a `sliding_window`-token ring per row). Both carry a per-row `offset` array, which
-`Attention` hands to RoPE, and build the per-row masks `GptOss.hidden` asks for; tests/test_batching.py
-checks them against single-sequence logits across the window boundary, merges and removals.
+sliding layers (a `sliding_window`-token ring per row). Both carry a per-row `offset` array,
+which `Attention` hands to RoPE, and build the per-row masks `GptOss.hidden` asks for;
+tests/test_batching.py checks them against single-sequence logits across the window boundary,
+merges and removals.
 A finished row is dropped from the caches, and its slot goes to the next waiting prompt.
 
 Decoding is pipelined as in `generate_tokens`: step t+1 is launched with the tokens of step t
 before the host reads them. A row that is known to be at its token budget is dropped before the
-launch; a row that hits a stop id costs one wasted row in the step already launched.
+launch; a row that hits a stop id costs one wasted row in the step already launched. A long
+prompt's prefill pauses the other rows for its duration (prefill is not interleaved with decode).
+
+Greedy results equal `generate`'s token for token (batched and single logits agree to ~1e-5 in
+float32, so only a near-exact tie could tell them apart). Seeded sampling is reproducible per
+sequence (same seed, prompt and settings give the same tokens at any batch size or slot), but it
+draws from its own per-row key, not from MLX's global generator as `generate` does, so it is not
+the same stream as a seeded `generate`.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCa
 from .errors import GptOssError, UsageError
 from .generate import SamplingParams, prefill
 
-# The message of NonFiniteLogitsError, as the error of the one sequence it hit.
+# The error of a sequence whose logits went NaN or infinite (where `generate` would raise
+# NonFiniteLogitsError); only that sequence ends.
 _NON_FINITE = (
     "the model produced non-finite logits (NaN or inf) for this sequence; "
     "the weights may be corrupt: run `gptoss-mlx verify` on the model folder"
@@ -70,7 +79,8 @@ class BatchStats:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run
+    prompt_seconds: float = 0.0  # of which prefilling (and sampling each first token)
     steps: int = 0  # batched decode forward passes
     row_steps: int = 0  # sum of the batch sizes of those passes
     max_rows: int = 0  # most sequences decoding together
@@ -82,14 +92,21 @@ class BatchStats:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
     @property
+    def generation_tps(self) -> float:
+        """Generated tokens per second of decoding, prefill time excluded (as `GenerationStats`)."""
+        decode = self.seconds - self.prompt_seconds
+        return self.completion_tokens / decode if decode > 0 else 0.0
+
+    @property
     def mean_batch(self) -> float:
         return self.row_steps / self.steps if self.steps else 0.0
 
     def summary(self) -> str:
         return (
             f"{self.requests} requests | prompt: {self.prompt_tokens} tokens | "
-            f"generation: {self.completion_tokens} tokens in {self.seconds:.2f} s, "
-            f"{self.tokens_per_second:.1f} tokens/s | mean batch {self.mean_batch:.1f} | "
+            f"generation: {self.completion_tokens} tokens in {self.seconds:.2f} s "
+            f"({self.prompt_seconds:.2f} s prefill), {self.tokens_per_second:.1f} tokens/s, "
+            f"{self.generation_tps:.1f} tokens/s decoding | mean batch {self.mean_batch:.1f} | "
             f"peak memory: {self.peak_memory_bytes / 1e9:.2f} GB"
         )
 
@@ -224,7 +241,8 @@ class _Row:
 
 @dataclass
 class _Joining:
-    """A prefilled sequence waiting to be merged: its caches and its (lazy) first token."""
+    """A prefilled sequence waiting to be merged: its caches and its first token, not yet
+    handed out."""
 
     row: _Row
     cache: list[Any]
@@ -284,6 +302,13 @@ class BatchEngine:
     (not in input order); `stats` then holds the run's aggregate figures. Problems with one
     request (empty or too long prompt, bad settings, non-finite logits) end that request with
     finish_reason "error" and leave the others running.
+
+    Args:
+        model: a `GptOss` (anything with its `__call__`, `hidden`, `make_cache` and `config`).
+        batch_size: the most sequences decoding together.
+        stop_ids: ids that end a sequence (and are returned with it); harmony's by default.
+        max_context: the most tokens (prompt + generated) a sequence may hold, unless its
+            request sets its own; the model's `max_position_embeddings` by default.
     """
 
     def __init__(
@@ -314,6 +339,9 @@ class BatchEngine:
         try:
             while True:
                 joining: list[_Joining] = []
+                if not exhausted and len(batch.rows) < self.batch_size and batch.rows:
+                    # Let the step in flight finish, so that prefill timings are prefill's own.
+                    mx.eval(batch.y, batch.ok)
                 while not exhausted and len(batch.rows) + len(joining) < self.batch_size:
                     item = next(pending, None)
                     if item is None:
@@ -350,10 +378,13 @@ class BatchEngine:
         if req.stop_ids is not None:
             row.stop = frozenset(req.stop_ids)
         row.budget = budget
+        t0 = time.perf_counter()
         cache = self.model.make_cache()
         logits = prefill(self.model, prompt, cache)
         sampling = RowSampling.of([req.sampling])
         y, ok, sampling = self._sample(logits[None], sampling)
+        mx.eval(y, ok, sampling.keys)
+        self.stats.prompt_seconds += time.perf_counter() - t0
         return _Joining(row, cache, y, ok, sampling)
 
     def _budget(self, req: BatchRequest, prompt: list[int]) -> int:

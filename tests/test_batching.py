@@ -182,6 +182,8 @@ def test_greedy_matches_single_generation(model, prompts, greedy_refs, batch_siz
     assert s.requests == len(prompts)
     assert s.prompt_tokens == sum(LENGTHS)
     assert s.completion_tokens == sum(MAX_TOKENS)
+    assert 0 < s.prompt_seconds < s.seconds
+    assert s.tokens_per_second < s.generation_tps
     # Slots are refilled: request `batch_size` was read only after a sequence had finished.
     assert pulled[batch_size] >= 1
     if batch_size > 1:

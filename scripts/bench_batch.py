@@ -1,0 +1,142 @@
+"""Aggregate decode throughput of `BatchEngine` at several batch sizes against a loop of single
+`generate` calls, on a random model of chosen size (no checkpoint needed).
+
+    python scripts/bench_batch.py --hidden 512 --layers 4 --vocab 201088 --prompts 16
+
+Every engine run must reproduce the loop's greedy tokens exactly; the script stops otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from gptoss_mlx.batching import BatchEngine, BatchRequest
+from gptoss_mlx.config import ModelConfig
+from gptoss_mlx.generate import SamplingParams, generate
+from gptoss_mlx.model import GptOss
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> GptOss:
+    """Random weights in the converted layout: MXFP4 experts as random bits, float elsewhere."""
+    model = GptOss(cfg)
+    key = mx.random.key(seed)
+    weights = []
+    for name, v in tree_flatten(model.parameters()):
+        key, k = mx.random.split(key)
+        if v.dtype == mx.uint32:
+            w = mx.random.randint(0, 2**31, v.shape, key=k).astype(mx.uint32)
+        elif v.dtype == mx.uint8:
+            w = mx.random.randint(118, 126, v.shape, key=k).astype(mx.uint8)
+        elif "norm" in name:
+            w = 1 + 0.1 * mx.random.normal(v.shape, key=k)
+        else:
+            w = 0.05 * mx.random.normal(v.shape, key=k)
+        weights.append((name, w))
+    model.load_weights(weights)
+    mx.eval(model.parameters())
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=201088)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=48, help="the most any request generates")
+    ap.add_argument("--batch-sizes", default="1,4,8,16")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy, checked exactly")
+    ap.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        choices=[0, 4, 8],
+        help="quantize attention, embeddings and lm_head as the q8/q4 recipes do (0: float)",
+    )
+    args = ap.parse_args()
+
+    cfg = ModelConfig(
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        vocab_size=args.vocab,
+        sliding_window=args.window,
+    )
+    model = random_model(cfg)
+    if args.bits:
+        # The mxfp4-q8/q4 recipes' affine group-64 layers; the router stays float.
+        nn.quantize(
+            model,
+            group_size=64,
+            bits=args.bits,
+            class_predicate=lambda path, m: (
+                isinstance(m, (nn.Linear, nn.Embedding)) and "router" not in path
+            ),
+        )
+        mx.eval(model.parameters())
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.prompts)
+    budgets = rng.integers(args.max_tokens // 2, args.max_tokens + 1, args.prompts)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+    sampling = [SamplingParams(temperature=args.temperature, seed=i) for i in range(args.prompts)]
+    print(
+        f"model: {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, "
+        f"{args.experts} experts top-{args.top_k}, vocab {args.vocab}, window {args.window}, "
+        f"{f'q{args.bits}' if args.bits else 'float'} attention/embeddings/lm_head; "
+        f"{args.prompts} prompts of {lengths.min()}..{lengths.max()} tokens, "
+        f"{budgets.sum()} tokens to generate; mlx {mx.__version__}, {mx.default_device()}"
+    )
+    generate(model, prompts[0][:8], max_tokens=4, sampling=sampling[0])  # warm-up
+
+    t0 = time.perf_counter()
+    runs = [
+        generate(model, p, max_tokens=int(n), sampling=s)
+        for p, n, s in zip(prompts, budgets, sampling, strict=True)
+    ]
+    loop_s = time.perf_counter() - t0
+    singles = [r.tokens for r in runs]
+    total = sum(len(t) for t in singles)
+    loop_tps = total / loop_s
+    loop_dec = total / sum(r.stats.generation_seconds for r in runs)
+    print(
+        f"single loop : {total} tokens in {loop_s:6.2f} s = {loop_tps:7.1f} tokens/s; "
+        f"decoding {loop_dec:7.1f} tokens/s"
+    )
+
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        engine = BatchEngine(model, batch_size=bs, stop_ids=())
+        reqs = [
+            BatchRequest(p, int(n), s, id=i)
+            for i, (p, n, s) in enumerate(zip(prompts, budgets, sampling, strict=True))
+        ]
+        got = {r.id: r.tokens for r in engine.run(reqs)}
+        st = engine.stats
+        if args.temperature == 0 and [got[i] for i in range(len(prompts))] != singles:
+            raise SystemExit(f"batch size {bs}: tokens differ from the single-sequence loop")
+        print(
+            f"batch {bs:3d}   : {st.completion_tokens} tokens in {st.seconds:6.2f} s = "
+            f"{st.tokens_per_second:7.1f} tokens/s (x{st.tokens_per_second / loop_tps:5.2f}); "
+            f"decoding {st.generation_tps:7.1f} tokens/s (x{st.generation_tps / loop_dec:5.2f}); "
+            f"mean batch {st.mean_batch:.1f}, {st.steps} steps"
+        )
+
+
+if __name__ == "__main__":
+    main()
