@@ -1,8 +1,7 @@
 """Our own safetensors reader and streaming writer: validated headers, per-tensor reads, no torch.
 
-Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, then N
-bytes of UTF-8 JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
-then the data buffer. Offsets are relative to the buffer, which they must cover exactly.
+Headers are parsed and validated by the library (gptoss_mlx.safetensors_header, shared with the
+loader); this module adds what only the converter needs: reading tensors and writing shards.
 
 Reads go through seek + readv into fresh numpy buffers (no mmap), so a process's RSS only ever holds the
 tensor, or the row range, it asked for. bfloat16 has no numpy dtype: it is read as uint16 bits.
@@ -22,133 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_mlx.errors import CheckpointError
-
-# safetensors dtype -> (bytes per element, numpy dtype used to hold the raw bits).
-DTYPES: dict[str, tuple[int, np.dtype]] = {
-    "BOOL": (1, np.dtype(np.bool_)),
-    "U8": (1, np.dtype(np.uint8)),
-    "I8": (1, np.dtype(np.int8)),
-    "F8_E4M3": (1, np.dtype(np.uint8)),
-    "F8_E5M2": (1, np.dtype(np.uint8)),
-    "F8_E8M0": (1, np.dtype(np.uint8)),
-    "U16": (2, np.dtype(np.uint16)),
-    "I16": (2, np.dtype(np.int16)),
-    "F16": (2, np.dtype(np.float16)),
-    "BF16": (2, np.dtype(np.uint16)),
-    "U32": (4, np.dtype(np.uint32)),
-    "I32": (4, np.dtype(np.int32)),
-    "F32": (4, np.dtype(np.float32)),
-    "U64": (8, np.dtype(np.uint64)),
-    "I64": (8, np.dtype(np.int64)),
-    "F64": (8, np.dtype(np.float64)),
-}
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
-_MAX_DIM = 1 << 62
-_LFS_MAGIC = b"version https://git-lfs"
-_REDOWNLOAD = "download it again"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's header entry; `begin`/`end` are absolute byte offsets in the file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one index along axis 0 (the whole tensor for a scalar)."""
-        if not self.shape:
-            return self.nbytes
-        return DTYPES[self.dtype][0] * math.prod(self.shape[1:])
-
-
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen[k] = v
-    return seen
-
-
-def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, TensorInfo], dict]:
-    """Validate a safetensors header (the JSON bytes after the 8-byte length) against the file size.
-
-    Returns ({name: TensorInfo}, metadata). Raises CheckpointError naming `where` and the tensor.
-    """
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{where}: header is not UTF-8; {_REDOWNLOAD}") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: header is not valid JSON ({e}); {_REDOWNLOAD}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{where}: header is not a JSON object")
-    meta = obj.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
-    data_start = 8 + len(head)
-    buffer_size = file_size - data_start
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in obj.items():
-        infos[name] = _parse_entry(name, entry, data_start, buffer_size, where)
-    # The buffer must be covered exactly: contiguous from 0, no holes, no overlaps, no tail.
-    pos = 0
-    for info in sorted(infos.values(), key=lambda t: (t.begin, t.end)):
-        if info.begin - data_start != pos:
-            what = (
-                "overlaps the previous tensor" if info.begin - data_start < pos else "leaves a gap"
-            )
-            raise CheckpointError(f"{where}: tensor {info.name!r} {what} (data_offsets)")
-        pos = info.end - data_start
-    if pos != buffer_size:
-        raise CheckpointError(
-            f"{where}: {buffer_size - pos} trailing bytes after the last tensor; {_REDOWNLOAD}"
-        )
-    return infos, meta
-
-
-def _parse_entry(name: str, entry: object, data_start: int, buffer_size: int, where: str):
-    bad = f"{where}: tensor {name!r}"
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CheckpointError(f"{bad}: entry must have exactly dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise CheckpointError(f"{bad}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape):
-        raise CheckpointError(f"{bad}: shape must be a list of non-negative integers")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int for o in offsets)
-    ):
-        raise CheckpointError(f"{bad}: data_offsets must be two integers")
-    begin, end = offsets
-    if not 0 <= begin <= end <= buffer_size:
-        raise CheckpointError(
-            f"{bad}: data_offsets [{begin}, {end}] outside the {buffer_size}-byte buffer; "
-            f"file truncated? {_REDOWNLOAD}"
-        )
-    # Python ints do not overflow; the bound above keeps the product honest anyway.
-    expected = math.prod(shape) * DTYPES[dtype][0]
-    if end - begin != expected:
-        raise CheckpointError(
-            f"{bad}: data_offsets span {end - begin} bytes, shape {shape} {dtype} needs {expected}"
-        )
-    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+from gptoss_mlx.safetensors_header import (  # noqa: F401 - re-exported for the converter
+    DTYPES,
+    MAX_HEADER_BYTES,
+    REDOWNLOAD,
+    TensorInfo,
+    parse_header,
+    read_header,
+    read_header_fd,
+)
 
 
 class SafetensorsFile:
@@ -167,30 +48,8 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(f"{where}: cannot open ({e.strerror})") from None
         try:
-            size = os.fstat(self._fd).st_size
-            first = os.pread(self._fd, 8, 0)
-            if size == 0:
-                raise CheckpointError(f"{where}: file is empty; {_REDOWNLOAD}")
-            if os.pread(self._fd, len(_LFS_MAGIC), 0) == _LFS_MAGIC:
-                raise CheckpointError(
-                    f"{where}: is a Git LFS pointer, not the weights; {_REDOWNLOAD} "
-                    "(git lfs pull, or huggingface_hub)"
-                )
-            if len(first) < 8:
-                raise CheckpointError(f"{where}: truncated ({size} bytes); {_REDOWNLOAD}")
-            (n,) = struct.unpack("<Q", first)
-            if n > max_header:
-                raise CheckpointError(
-                    f"{where}: header length {n} exceeds the {max_header}-byte limit; "
-                    f"not a safetensors file? {_REDOWNLOAD}"
-                )
-            if 8 + n > size:
-                raise CheckpointError(
-                    f"{where}: truncated (header says {n} bytes, file has {size}); {_REDOWNLOAD}"
-                )
-            head = os.pread(self._fd, n, 8)
-            self.tensors, self.metadata = parse_header(head, size, where)
-            self.size = size
+            header = read_header_fd(self._fd, where, max_header)
+            self.tensors, self.metadata, self.size = header.tensors, header.metadata, header.size
         except BaseException:
             os.close(self._fd)
             raise
@@ -229,7 +88,7 @@ class SafetensorsFile:
             os.lseek(self._fd, offset + got, os.SEEK_SET)
             chunk = os.readv(self._fd, [view[got:]])
             if chunk == 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r} truncated; {_REDOWNLOAD}")
+                raise CheckpointError(f"{self.path}: tensor {name!r} truncated; {REDOWNLOAD}")
             got += chunk
         shape = info.shape if rows is None else (stop - start, *info.shape[1:])
         return out.view(DTYPES[info.dtype][1]).reshape(shape)

@@ -99,6 +99,8 @@ def load_chat_request(text: str | bytes, source: str = "request") -> ChatRequest
         obj = json.loads(text)
     except ValueError as e:
         raise UsageError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UsageError(f"{source}: JSON nested too deeply") from None
     return parse_chat_request(obj)
 
 

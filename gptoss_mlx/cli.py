@@ -378,7 +378,7 @@ def generate(
             stats=stats,
         ):
             if t in eos:
-                break
+                continue  # the last token; resuming lets the engine record finish "stop"
             piece = detok.add(t)
             pieces.append(piece)
             if not as_json:
@@ -394,6 +394,7 @@ def generate(
                         "usage": {
                             "prompt_tokens": stats.prompt_tokens,
                             "completion_tokens": stats.generation_tokens,
+                            "total_tokens": stats.prompt_tokens + stats.generation_tokens,
                         },
                     },
                     ensure_ascii=False,
@@ -453,6 +454,120 @@ def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("input_file", metavar="FILE|-")
+@click.option(
+    "-o", "--output", default="-", metavar="OUT", help="Write the records to OUT. [default: stdout]"
+)
+@click.option(
+    "-b",
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts decoded together.",
+)
+@click.option("--text", "text_lines", is_flag=True, help="Each line is a plain prompt, not JSON.")
+@click.option(
+    "--resume", is_flag=True, help="Finish OUT: skip ids done there, retry lines that failed."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first line that fails.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr. [default: when stderr is a terminal]",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option(
+    "--date", default=None, help="Current date for every prompt, YYYY-MM-DD. [default: today]"
+)
+@model_options
+@handle_errors
+def batch(
+    input_file: str,
+    output: str,
+    batch_size: int,
+    text_lines: bool,
+    resume: bool,
+    overwrite: bool,
+    fail_fast: bool,
+    progress: bool | None,
+    quiet: bool,
+    date: str | None,
+    verbose: bool,
+    **opts,
+) -> None:
+    """Run many prompts from a JSONL FILE (- reads stdin); one JSON record per line out.
+
+    \b
+    Each line: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]},
+    optionally with "tools", "reasoning_effort", "max_tokens", "temperature",
+    "top_p", "top_k", "min_p", "seed" (the options below are the defaults).
+    Each record: {"id", "line", "final", "reasoning", "tool_calls",
+    "finish_reason", "usage"}, or {"id", "line", "error"} for a line that
+    could not run. Records are written as each prompt finishes, so an
+    interrupted run keeps them; --resume finishes it.
+
+    \b
+    Examples:
+      gptoss-mlx batch prompts.jsonl -o results.jsonl -r low -n 2048
+      gptoss-mlx batch prompts.jsonl -o results.jsonl --resume
+      cut -f2 questions.tsv | gptoss-mlx batch --text - -t 0 > answers.jsonl
+
+    Exit status: 0 every line ok, 1 some lines failed, 2 bad usage, 130 interrupted.
+    """
+    from gptoss_mlx.convert.resolve import resolve_model
+
+    from .batch import BatchDefaults, BatchJob, run_batch_file
+    from .batch_io import open_input, plan_output
+    from .console import load_tools_file
+    from .generate import SamplingParams
+    from .harmony import check_date
+    from .loading import load_for_inference
+
+    tools_file, system, developer = opts["tools_file"], opts["system"], opts["developer"]
+    defaults = BatchDefaults(
+        reasoning_effort=opts["reasoning_effort"],
+        instructions="\n\n".join(t for t in (system, developer) if t) or None,
+        tools=load_tools_file(tools_file) if tools_file else [],
+        sampling=SamplingParams(
+            temperature=opts["temp"],
+            top_p=opts["top_p"],
+            top_k=opts["top_k"],
+            min_p=opts["min_p"],
+            seed=opts["seed"],
+        ),
+        max_tokens=opts["max_tokens"],
+        text=text_lines,
+    )
+    # Every usage problem is reported before the model loads and before OUT is touched.
+    defaults.validate()
+    date = check_date(date)
+    if input_file != "-":
+        open_input(input_file).close()
+    plan = plan_output(output, overwrite=overwrite, resume=resume, input_path=input_file)
+    model, tokenizer, max_context = load_for_inference(
+        resolve_model(opts["model"]), opts["max_context"], batch=batch_size
+    )
+    job = BatchJob(
+        model,
+        tokenizer,
+        defaults=defaults,
+        batch_size=batch_size,
+        max_context=max_context,
+        date=date,
+        fail_fast=fail_fast,
+    )
+    summary = run_batch_file(job, input_file, plan, progress=progress, quiet=quiet)
+    if verbose:
+        click.echo(job.engine.stats.summary(), err=True)
+    if fail_fast and summary.errors:
+        raise GptOssError(f"stopped at the first failed line (--fail-fast): {summary.first_error}")
+    if summary.errors:
+        raise GptOssError(f"{summary.errors} of {summary.records} lines failed (see their records)")
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("model", required=False)
 @click.option(
     "--batch",
@@ -471,14 +586,12 @@ def info(model: str | None, batch: int) -> None:
     Example:
       gptoss-mlx info ~/models/gpt-oss-20b-mlx
     """
-    import json as _json
     from pathlib import Path
 
     from gptoss_mlx.convert.resolve import DEFAULT_MODEL, cache_path, is_converted
 
-    from .config import ModelConfig
     from .errors import UsageError
-    from .loading import default_dtype, read_manifest
+    from .loading import default_dtype, inspect_folder
     from .memory import describe, plan_memory
 
     spec = model or DEFAULT_MODEL
@@ -490,11 +603,10 @@ def info(model: str | None, batch: int) -> None:
                 f"{spec}: not a converted model and not in the cache; convert it first "
                 "(gptoss-mlx convert SRC OUT) or run `gptoss-mlx chat -m SRC` once"
             )
-    files = read_manifest(folder)
-    raw = _json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    cfg = ModelConfig.from_dict(raw, source=str(folder / "config.json"))
-    ours = raw.get("gptoss_mlx", {})
-    src = ours.get("source", {})
+    checked = inspect_folder(folder)  # manifest, sizes, config, headers: one line if broken
+    files, raw, cfg = checked.files, checked.raw_config, checked.config
+    ours = raw["gptoss_mlx"]
+    src = ours.get("source") if isinstance(ours.get("source"), dict) else {}
     dtype = default_dtype()
     plan = plan_memory(folder, cfg, dtype)
     size = sum(int(m["size"]) for m in files.values())
@@ -517,6 +629,85 @@ def info(model: str | None, batch: int) -> None:
         click.echo(f"  {ctx // 1024:>4}k context: {describe(plan, ctx, batch)}  [{mark}]")
     best = plan.largest_context(batch, cfg.max_position_embeddings)
     click.echo(f"default --max-context here: {best if best else 'none fits (see above)'}")
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "-m",
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A converted model folder.",
+)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option(
+    "--gen-tokens",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Decode steps after the first token.",
+)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Activation dtype (auto: float32 on MLX's CPU backend, bfloat16 on a GPU).",
+)
+@click.option(
+    "--prefill-chunk", type=click.IntRange(min=1), default=None, help="Prompt tokens per pass."
+)
+@click.option(
+    "--compare-mlx-lm",
+    "compare_src",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    metavar="SRC",
+    help="Also run mlx-lm's gpt_oss on SRC, the Hugging Face folder MODEL was converted from.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@handle_errors
+def bench(
+    model_dir: str,
+    prompt_tokens: int,
+    gen_tokens: int,
+    batch: int,
+    runs: int,
+    dtype: str,
+    prefill_chunk: int | None,
+    compare_src: str | None,
+    as_json: bool,
+) -> None:
+    """Measure prefill and decode speed, time to first token, peak memory and host time per step.
+
+    The prompt is random token ids. With --compare-mlx-lm, mlx-lm's own model runs on the same
+    source weights in this process, alternating with ours run by run, and the ratios are printed.
+
+    \b
+    Example:
+      gptoss-mlx bench -m ~/models/gpt-oss-20b-mlx --prompt-tokens 512 --gen-tokens 128
+    """
+    import json
+
+    import mlx.core as mx
+
+    from .bench import format_report, run_bench
+
+    report = run_bench(
+        model_dir,
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        batch=batch,
+        runs=runs,
+        compare_src=compare_src,
+        dtype=None if dtype == "auto" else getattr(mx, dtype),
+        prefill_chunk=prefill_chunk,
+        progress=None if as_json else lambda line: click.echo(line, err=True),
+    )
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
 
 
 if __name__ == "__main__":

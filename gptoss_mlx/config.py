@@ -49,7 +49,10 @@ class ModelConfig:
     model_type: str = "gpt_oss"
 
     def __post_init__(self) -> None:
-        if not self.layer_types:
+        n = self.num_hidden_layers
+        # Only for a sane layer count: validate() reports a bad one (and a hostile 10**9 must not
+        # build a billion-entry list first).
+        if not self.layer_types and type(n) is int and 1 <= n <= _MAX_LAYERS:
             # The reference: even layers slide over 128 tokens, odd layers attend to everything.
             self.layer_types = [
                 SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers)
@@ -80,7 +83,9 @@ class ModelConfig:
                 raise ConfigError(f"{source}: rope_scaling must be an object")
             rt = rs.get("rope_type", rs.get("type", "yarn"))
             if rt != "yarn":
-                raise ConfigError(f"{source}: rope_scaling.rope_type {rt!r} is not supported (yarn)")
+                raise ConfigError(
+                    f"{source}: rope_scaling.rope_type {rt!r} is not supported (yarn)"
+                )
             kw["rope_scaling_factor"] = rs.get("factor", cls.rope_scaling_factor)
             kw["rope_beta_fast"] = rs.get("beta_fast", cls.rope_beta_fast)
             kw["rope_beta_slow"] = rs.get("beta_slow", cls.rope_beta_slow)
@@ -115,11 +120,12 @@ class ModelConfig:
         }
         kw = {ours: d[theirs] for ours, theirs in m.items() if theirs in d}
         cfg = cls(**kw)
+        cfg.validate(source)  # first, so the product below only sees sane numbers
         if "max_position_embeddings" not in d:
             cfg.max_position_embeddings = int(
                 cfg.initial_context_length * max(cfg.rope_scaling_factor, 1.0)
             )
-        cfg.validate(source)
+            cfg.validate(source)
         return cfg
 
     @classmethod
@@ -129,7 +135,7 @@ class ModelConfig:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 5000-digit numbers, nesting
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
 
@@ -143,7 +149,9 @@ class ModelConfig:
 
         def need_float(name: str, lo: float, hi: float) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            # ints are always finite (and math.isfinite would overflow on a huge one)
+            finite = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+            if isinstance(v, bool) or not finite:
                 raise ConfigError(f"{source}: {name} must be a finite number, got {v!r}")
             if not lo <= v <= hi:
                 raise ConfigError(f"{source}: {name} must be in [{lo}, {hi}], got {v!r}")

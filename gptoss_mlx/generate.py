@@ -98,14 +98,27 @@ def prefill(
     """
     if not tokens:
         raise UsageError("the prompt is empty")
-    ids = mx.array(list(tokens), dtype=mx.uint32)[None]  # (1, T)
+    # MLX does not bounds-check the embedding lookup: an id past it reads stray memory or crashes
+    # (a tokenizer that does not belong to the model, or ids passed in by a caller).
+    vocab = getattr(model.config, "vocab_size", None)  # test doubles may not declare one
+    bad = next((t for t in tokens if not 0 <= t < vocab), None) if vocab else None
+    if bad is not None:
+        raise UsageError(
+            f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); "
+            "the tokenizer does not belong to this model"
+        )
+    return prefill_ids(model, mx.array(list(tokens), dtype=mx.uint32)[None], cache, chunk)[0]
+
+
+def prefill_ids(model: Any, ids: mx.array, cache: list[Any], chunk: int = PREFILL_CHUNK) -> mx.array:
+    """`prefill` for an id array [batch, T] of equal-length rows; returns logits [batch, vocab]."""
     T = ids.shape[1]
     start = 0
     while T - start > chunk:
         model.hidden(ids[:, start : start + chunk], cache)
         mx.eval([c.state for c in cache])
         start += chunk
-    return model(ids[:, start:], cache=cache, last_only=True)[0, -1]
+    return model(ids[:, start:], cache=cache, last_only=True)[:, -1]
 
 
 def _check_finite(ok: bool) -> None:

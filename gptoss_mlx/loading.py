@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlx.core as mx
@@ -12,10 +14,16 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import GptOss
+from .safetensors_header import Header, read_header
+from .weights_layout import check_weights, expected_weights
 
 MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
 FORMAT = "gptoss-mlx"
 FORMAT_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONVERT_AGAIN = "convert the checkpoint again"
 
 
 def default_dtype() -> mx.Dtype:
@@ -33,18 +41,22 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # bad UTF-8 or JSON, or a number of over 4300 digits
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """Return {relative name: {"size", "sha256"}}; refuse folders that are not ours."""
-    m = read_json(folder / MANIFEST) if (folder / MANIFEST).exists() else None
-    if m is None:
+    if not (folder / MANIFEST).exists():
         raise CheckpointError(
             f"{folder}: no {MANIFEST}; this is not a gptoss-mlx folder "
             "(convert a checkpoint with `gptoss-mlx convert SRC OUT`)"
         )
+    m = read_json(folder / MANIFEST)
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
         raise CheckpointError(f"{folder / MANIFEST}: not a gptoss-mlx manifest")
     if m.get("format_version") != FORMAT_VERSION:
@@ -52,17 +64,46 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
             f"{folder / MANIFEST}: format_version {m.get('format_version')!r} is not supported "
             f"(expected {FORMAT_VERSION}); convert the checkpoint again with this version"
         )
+    for name, meta in m["files"].items():
+        _check_manifest_entry(folder / MANIFEST, name, meta)
     return m["files"]
+
+
+def _check_manifest_entry(where: Path, name: str, meta: Any) -> None:
+    """A manifest entry names a plain relative path inside the folder and its size and sha256."""
+    parts = PurePosixPath(name).parts
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or ".." in parts
+        or "." in name.split("/")
+        or "" in name.split("/")
+        or name == MANIFEST
+    ):
+        raise CheckpointError(
+            f"{where}: entry {name!r} is not a file name inside the folder; {_CONVERT_AGAIN}"
+        )
+    size = meta.get("size") if isinstance(meta, dict) else None
+    sha = meta.get("sha256") if isinstance(meta, dict) else None
+    if type(size) is not int or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise CheckpointError(
+            f"{where}: entry {name!r} needs an integer size and a sha256; {_CONVERT_AGAIN}"
+        )
 
 
 def check_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
     """Cheap integrity check at every load: every listed file exists with its recorded size.
     (`gptoss-mlx verify` also checks the sha256 of each file.)"""
     problems = []
+    root = folder.resolve()
     for name, meta in files.items():
         p = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{name} (path leaves the folder)")
+        elif not p.resolve().is_relative_to(root):
+            problems.append(f"{name} (a link leading outside the folder)")
         elif not p.is_file():
             problems.append(f"{name} (missing)")
         elif p.stat().st_size != meta.get("size"):
@@ -71,7 +112,9 @@ def check_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
         shown = ", ".join(problems[:3]) + (
             f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         )
-        raise CheckpointError(f"{folder}: files changed since conversion: {shown}; convert again")
+        raise CheckpointError(
+            f"{folder}: files changed since conversion: {shown}; {_CONVERT_AGAIN}"
+        )
 
 
 def _quantize_like_checkpoint(model: nn.Module, qcfg: dict[str, Any], names: set[str]) -> None:
@@ -91,33 +134,88 @@ def _quantize_like_checkpoint(model: nn.Module, qcfg: dict[str, Any], names: set
     nn.quantize(model, class_predicate=predicate)
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> GptOss:
-    """Load the model of a converted folder. Weights are mapped lazily from the shards that the
-    manifest lists; nothing else in the folder is read."""
+@dataclass
+class ConvertedFolder:
+    """A converted folder whose manifest, file sizes, config and shard headers were all checked."""
+
+    path: Path
+    files: dict[str, dict[str, Any]]  # the manifest's entries
+    raw_config: dict[str, Any]
+    config: ModelConfig
+    headers: dict[str, Header]  # shard file name -> its validated header
+
+
+def inspect_folder(path: str | Path) -> ConvertedFolder:
+    """Check everything about a converted folder that can be checked before MLX opens a file.
+
+    In order: the manifest (well-formed, plain names inside the folder), every listed file's
+    presence and size, config.json's bounds, each shard's safetensors header (see
+    safetensors_header), the tensors' names, shapes and dtypes against config.json, and the index.
+    Raises CheckpointError or ConfigError with one line naming the file (and tensor) at fault.
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
     files = read_manifest(folder)
+    for needed in (CONFIG, INDEX):
+        if needed not in files:
+            raise CheckpointError(f"{folder / MANIFEST}: does not list {needed}; {_CONVERT_AGAIN}")
     check_files(folder, files)
-    raw = read_json(folder / "config.json")
-    cfg = ModelConfig.from_dict(raw, source=str(folder / "config.json"))
+    raw = read_json(folder / CONFIG)
+    cfg = ModelConfig.from_dict(raw, source=str(folder / CONFIG))
     shards = sorted(n for n in files if n.endswith(".safetensors"))
     if not shards:
         raise CheckpointError(f"{folder / MANIFEST}: lists no .safetensors shards")
+    headers = {name: read_header(folder / name, advice=_CONVERT_AGAIN) for name in shards}
+    found: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for name, header in headers.items():
+        for t in header.tensors.values():
+            if t.name in found:
+                raise CheckpointError(
+                    f"{folder / name}: tensor {t.name!r} is also in {found[t.name][2]}; "
+                    f"{_CONVERT_AGAIN}"
+                )
+            found[t.name] = (t.shape, t.dtype, str(folder / name))
+    expected = expected_weights(cfg, raw, frozenset(found), source=str(folder / CONFIG))
+    check_weights(found, expected, str(folder))
+    _check_index(folder, headers)
+    return ConvertedFolder(folder, files, raw, cfg, headers)
+
+
+def _check_index(folder: Path, headers: dict[str, Header]) -> None:
+    """The index must map exactly the stored tensors to the shards that hold them (mlx-lm and the
+    memory preflight read it)."""
+    where = folder / INDEX
+    index = read_json(where)
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    held = {t: shard for shard, h in headers.items() for t in h.tensors}
+    if wm != held:
+        diff = sorted(set(wm) ^ set(held)) if isinstance(wm, dict) else []
+        what = f" (first difference: {diff[0]!r})" if diff else ""
+        raise CheckpointError(
+            f"{where}: weight_map disagrees with the shards{what}; {_CONVERT_AGAIN}"
+        )
+
+
+def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> GptOss:
+    """Load the model of a converted folder. Every shard's header is validated against
+    config.json first (inspect_folder); then weights are mapped lazily from the shards that the
+    manifest lists; nothing else in the folder is read."""
+    return _load_checked(inspect_folder(path), dtype)
+
+
+def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None) -> GptOss:
     weights: dict[str, mx.array] = {}
-    for name in shards:
+    for name in folder.headers:
+        path = folder.path / name
         try:
-            part = mx.load(str(folder / name))
-        except Exception as e:  # MLX raises RuntimeError/ValueError for corrupt files
-            raise CheckpointError(f"{folder / name}: cannot be read ({e}); convert again") from None
-        dup = weights.keys() & part.keys()
-        if dup:
-            raise CheckpointError(f"{folder / name}: tensor {sorted(dup)[0]} is in two shards")
-        weights.update(part)
+            weights.update(mx.load(str(path)))
+        except Exception as e:  # changed since inspect_folder; MLX raises RuntimeError/ValueError
+            raise CheckpointError(f"{path}: cannot be read ({e}); {_CONVERT_AGAIN}") from None
 
     dtype = dtype or default_dtype()
-    model = GptOss(cfg, dtype=dtype)
-    _quantize_like_checkpoint(model, raw.get("quantization") or {}, set(weights))
+    model = GptOss(folder.config, dtype=dtype)
+    _quantize_like_checkpoint(model, folder.raw_config.get("quantization") or {}, set(weights))
     # Float weights run in the activation dtype; quantized payloads (uint32/uint8) stay as stored.
     weights = {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
@@ -125,7 +223,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> GptOss:
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise CheckpointError(f"{folder}: weights do not match config.json ({e})") from None
+        raise CheckpointError(f"{folder.path}: weights do not match config.json ({e})") from None
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -152,15 +250,13 @@ def load_for_inference(
     MemoryPreflightError, saying what to change, before anything is loaded when nothing fits.
     """
     from .memory import choose_max_context, plan_memory, set_wired_limit
+    from .tokenizer import load_tokenizer
 
-    folder = Path(path).expanduser()
-    check_files(folder, read_manifest(folder))
-    cfg = ModelConfig.from_dict(
-        read_json(folder / "config.json"), source=str(folder / "config.json")
-    )
+    checked = inspect_folder(path)
+    cfg = checked.config
     dtype = dtype or default_dtype()
-    plan = plan_memory(folder, cfg, dtype)
+    plan = plan_memory(checked.path, cfg, dtype)
     context = choose_max_context(plan, max_context, cfg.max_position_embeddings, batch)
     set_wired_limit()
-    model, tokenizer = load(folder, dtype)
-    return model, tokenizer, context
+    model = _load_checked(checked, dtype)
+    return model, load_tokenizer(checked.path), context

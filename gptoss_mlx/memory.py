@@ -7,8 +7,8 @@ working set on Apple Silicon (what macOS lets the GPU wire) or the machine's RAM
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from .config import FULL, SLIDING, ModelConfig
 from .errors import GptOssError
+from .safetensors_header import read_header
 
 MAX_CONTEXT = 131072
 # Candidate defaults for --max-context, largest first.
@@ -29,20 +30,12 @@ class MemoryPreflightError(GptOssError):
 
 def _tensor_bytes(folder: Path, shard: str, act_itemsize: int) -> int:
     """Bytes a shard takes once loaded: float tensors are cast to the activation dtype."""
-    with open(folder / shard, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header = read_header(folder / shard)  # validated: a hostile header is one line, not a crash
     total = 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        size = t["data_offsets"][1] - t["data_offsets"][0]
-        if t["dtype"] in ("BF16", "F16", "F32"):
-            count = 1
-            for d in t["shape"]:
-                count *= d
-            size = count * act_itemsize
-        total += size
+    for t in header.tensors.values():
+        total += (
+            math.prod(t.shape) * act_itemsize if t.dtype in ("BF16", "F16", "F32") else t.nbytes
+        )
     return total
 
 

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
@@ -239,8 +240,15 @@ def _check_tokenizer_json(path: Path, spec: dict) -> dict:
 def _from_tokenizer_json(path: Path) -> Tokenizer:
     try:
         spec = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
+    try:
+        return _tokenizer_from_spec(path, spec)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field of the wrong shape
+        raise CheckpointError(f"{path}: malformed tokenizer ({type(e).__name__}: {e})") from None
+
+
+def _tokenizer_from_spec(path: Path, spec: Any) -> Tokenizer:
     model = _check_tokenizer_json(path, spec)
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     special_ids = set(special.values())
@@ -257,6 +265,12 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise CheckpointError(f"{path}: vocab lacks single-byte tokens (e.g. byte {missing[0]})")
+    # tiktoken panics on shared ranks (a pyo3 PanicException: a BaseException) and overflows on
+    # ids outside its integer type.
+    distinct = len(set(ranks.values())) == len(ranks)
+    ids = [*ranks.values(), *special.values()]
+    if not distinct or not all(type(i) is int and 0 <= i < 1 << 31 for i in ids):
+        raise CheckpointError(f"{path}: token ids must be distinct integers in [0, 2^31)")
     return Tokenizer(ranks, special)
 
 

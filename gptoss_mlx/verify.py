@@ -42,10 +42,14 @@ def verify_folder(
     folder = Path(folder).expanduser()
     files = read_manifest(folder)
     problems: list[Problem] = []
+    root = folder.resolve()
     for name, meta in sorted(files.items()):
         p = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(Problem(name, "path leaves the folder"))
+            continue
+        if not p.resolve().is_relative_to(root):
+            problems.append(Problem(name, "a link leading outside the folder"))
             continue
         if not p.is_file():
             problems.append(Problem(name, "missing"))
