@@ -79,9 +79,21 @@ class Header:
     size: int
 
 
+def _strict_text(s: str) -> None:
+    # Python's json accepts lone UTF-16 surrogates ("\ud800"); safetensors' parser and UTF-8 do
+    # not, so a name that cannot be encoded is refused rather than passed on to MLX.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"invalid Unicode escape in {s!r}") from None
+
+
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     seen: dict = {}
     for k, v in pairs:
+        _strict_text(k)
+        if isinstance(v, str):
+            _strict_text(v)
         if k in seen:
             raise ValueError(f"duplicate key {k!r}")
         seen[k] = v

@@ -4,6 +4,10 @@
     python scripts/bench_batch.py --hidden 512 --layers 4 --vocab 201088 --prompts 16
 
 Every engine run must reproduce the loop's greedy tokens exactly; the script stops otherwise.
+
+With --via-job the prompts are JSONL text lines run the way `gptoss-mlx batch` runs them (parsed,
+harmony-rendered, `BatchJob`, records written to a file), against a loop of `run_turn` (what
+`gptoss-mlx generate` runs) on the same rendered prompts; greedy records must match exactly.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ def main() -> None:
         choices=[0, 4, 8],
         help="quantize attention, embeddings and lm_head as the q8/q4 recipes do (0: float)",
     )
+    ap.add_argument(
+        "--via-job", action="store_true", help="run JSONL lines through BatchJob (the CLI's path)"
+    )
     args = ap.parse_args()
 
     cfg = ModelConfig(
@@ -92,6 +99,9 @@ def main() -> None:
         )
         mx.eval(model.parameters())
     rng = np.random.default_rng(0)
+    if args.via_job:
+        bench_job(args, model, rng)
+        return
     lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.prompts)
     budgets = rng.integers(args.max_tokens // 2, args.max_tokens + 1, args.prompts)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
@@ -135,6 +145,68 @@ def main() -> None:
             f"{st.tokens_per_second:7.1f} tokens/s (x{st.tokens_per_second / loop_tps:5.2f}); "
             f"decoding {st.generation_tps:7.1f} tokens/s (x{st.generation_tps / loop_dec:5.2f}); "
             f"mean batch {st.mean_batch:.1f}, {st.steps} steps"
+        )
+
+
+def bench_job(args: argparse.Namespace, model: GptOss, rng: np.random.Generator) -> None:
+    """The `gptoss-mlx batch` path against a loop of single `run_turn`s, in one process."""
+    import io
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from gptoss_mlx.batch import BatchDefaults, BatchJob, parse_line, render_item
+    from gptoss_mlx.batch_io import RecordWriter, read_lines
+    from gptoss_mlx.chat import run_turn
+    from gptoss_mlx.convert.synthetic import write_byte_level_tokenizer_json
+    from gptoss_mlx.tokenizer import find_default_vocab, load_default_tokenizer, load_tokenizer
+
+    tmp = Path(tempfile.mkdtemp())
+    if find_default_vocab() is not None:
+        tok, vocab = load_default_tokenizer(), "o200k_harmony"
+    else:
+        write_byte_level_tokenizer_json(tmp / "tokenizer.json")
+        tok, vocab = load_tokenizer(tmp), "synthetic byte-level"
+    words = "the of and to in is was for on that with as by at from it an be this are".split()
+    lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.prompts)
+    budgets = rng.integers(args.max_tokens // 2, args.max_tokens + 1, args.prompts)
+    lines = [
+        {"id": i, "prompt": " ".join(rng.choice(words, int(n))), "max_tokens": int(b)}
+        for i, (n, b) in enumerate(zip(lengths, budgets, strict=True))
+    ]
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    defaults = BatchDefaults(sampling=SamplingParams(temperature=args.temperature))
+    date = "2025-01-01"
+    items = [render_item(parse_line(x, defaults), tok, date) for x in read_lines(io.BytesIO(data))]
+    sizes = [len(it.prompt) for it in items]
+    print(f"via BatchJob, {vocab} tokenizer: prompts of {min(sizes)}..{max(sizes)} tokens")
+    run_turn(model, tok, items[0].prompt, sampling=items[0].sampling, max_tokens=4)  # warm-up
+    t0 = time.perf_counter()
+    singles = [
+        run_turn(model, tok, it.prompt, sampling=it.sampling, max_tokens=it.max_tokens).to_json()
+        for it in items
+    ]
+    loop_s = time.perf_counter() - t0
+    total = sum(r["usage"]["completion_tokens"] for r in singles)
+    loop_tps = total / loop_s
+    print(f"single loop : {total} tokens in {loop_s:6.2f} s = {loop_tps:7.1f} tokens/s")
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        job = BatchJob(model, tok, defaults=defaults, batch_size=bs, date=date)
+        writer = RecordWriter(open(tmp / f"out-{bs}.jsonl", "wb"), fsync=True)  # noqa: SIM115
+        try:
+            s = job.run(read_lines(io.BytesIO(data)), writer.write)
+        finally:
+            writer.close()
+        got = {}
+        for text in (tmp / f"out-{bs}.jsonl").read_text().splitlines():
+            record = json.loads(text)
+            got[record["id"]] = {k: v for k, v in record.items() if k not in ("id", "line")}
+        if args.temperature == 0 and [got[i] for i in range(len(lines))] != singles:
+            raise SystemExit(f"batch size {bs}: records differ from the single-turn loop")
+        print(
+            f"batch {bs:3d}   : {s.completion_tokens} tokens in {s.seconds:6.2f} s = "
+            f"{s.tokens_per_second:7.1f} tokens/s (x{s.tokens_per_second / loop_tps:5.2f}); "
+            f"mean batch {job.engine.stats.mean_batch:.1f}"
         )
 
 

@@ -1,0 +1,434 @@
+"""`gptoss-mlx batch`: JSONL prompts in, one JSONL record per prompt out, resumable.
+
+Input, one request per line (see `batch_io` for the reading: UTF-8, a BOM at the very start is
+accepted, blank lines are skipped, lines over 1 MiB fail):
+  {"id": ..., "messages": [...]}   the chat shape of `chat_request` (tool messages included)
+  {"id": ..., "prompt": "..."}     one user message
+plus optional "tools", "reasoning_effort", "max_tokens", "temperature", "top_p", "top_k", "min_p"
+and "seed", which override the command line's defaults for that line ("model" is ignored, any
+other field is an error). With `text=True` every line is a plain prompt. A line without an id
+gets its line number as id; ids must be unique (a repeat fails as a duplicate).
+
+Output, one record per non-blank input line, in the order the sequences finish:
+  {"id", "line", "final", "reasoning", "tool_calls", "finish_reason", "usage"}
+  {"id", "line", "error"}          a line that could not run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .batch_io import (
+    BatchSummary,
+    InputLine,
+    OutputPlan,
+    Progress,
+    count_lines,
+    id_key,
+    open_input,
+    read_lines,
+)
+from .batching import BatchEngine, BatchRequest, BatchResult
+from .chat import DEFAULT_MAX_TOKENS, harmony_ids
+from .chat_request import EFFORTS, ChatMessage, ChatRequest, parse_chat_request
+from .errors import GptOssError, UsageError
+from .generate import SamplingParams
+from .harmony import check_date, render_prompt
+from .harmony_parser import parse_completion
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
+LINE_FIELDS = ("id", "messages", "prompt", "tools", "reasoning_effort", "max_tokens")
+LINE_FIELDS += SAMPLING_FIELDS
+IGNORED_FIELDS = ("model",)  # OpenAI requests name a model; there is only one here
+
+# --------------------------------------------------------------------------- parsing lines
+
+
+@dataclass
+class BatchDefaults:
+    """The command line's settings, which each line may override."""
+
+    reasoning_effort: str = "medium"
+    instructions: str | None = None  # a developer message put before every line's messages
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    text: bool = False  # each line is a plain prompt, not JSON
+
+    def validate(self) -> None:
+        """Check the defaults once, before any line (UsageError)."""
+        if self.reasoning_effort not in EFFORTS:
+            raise UsageError(f"reasoning effort must be one of {', '.join(EFFORTS)}")
+        if self.max_tokens < 1:
+            raise UsageError(f"max tokens must be >= 1, got {self.max_tokens}")
+        self.sampling.validate()
+        try:
+            parse_chat_request({"messages": [{"role": "user", "content": ""}], "tools": self.tools})
+        except UsageError as e:
+            raise UsageError(f"--tools: {e}") from None
+
+
+@dataclass
+class BatchItem:
+    """A valid line: its id, request and settings; `prompt` once rendered."""
+
+    id: str | int
+    line: int
+    request: ChatRequest
+    max_tokens: int
+    sampling: SamplingParams
+    prompt: list[int] | None = None
+
+
+@dataclass
+class LineFailure:
+    """A line that cannot run; becomes an error record. `id_known`: the id is the line's own (or
+    its number, for a line without one), rather than the line number of a line not understood."""
+
+    id: str | int
+    line: int
+    error: str
+    id_known: bool = True
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.id, "line": self.line, "error": self.error}
+
+
+def line_seed(base: int, line_id: str | int) -> int:
+    """The seed of a line without its own, under `--seed base`: fixed by the base and the id, so
+    a rerun or a resumed run samples the same, while identical prompts still differ."""
+    digest = hashlib.sha256(f"{base}\0{id_key(line_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def parse_line(line: InputLine, defaults: BatchDefaults) -> BatchItem | LineFailure:
+    """Validate one line. Every problem is a LineFailure, never an exception."""
+    if line.error is not None:
+        return LineFailure(line.number, line.number, line.error, id_known=False)
+    line_id: str | int = line.number
+    try:
+        if defaults.text:
+            obj: dict[str, Any] = {"prompt": line.text}
+        else:
+            obj = _load_object(line.text)
+            line_id = _parse_id(obj.get("id"), line.number)
+    except GptOssError as e:
+        return LineFailure(line.number, line.number, str(e), id_known=False)
+    try:
+        unknown = [k for k in obj if k not in LINE_FIELDS and k not in IGNORED_FIELDS]
+        if unknown:
+            raise UsageError(f"{unknown[0]}: unknown field (known: {', '.join(LINE_FIELDS)})")
+        request = _chat_request(obj, defaults)
+        max_tokens = _int_field(obj, "max_tokens", defaults.max_tokens, 1, 2**63)
+        sampling = _sampling(obj, defaults.sampling, line_id)
+    except GptOssError as e:
+        return LineFailure(line_id, line.number, str(e))
+    return BatchItem(line_id, line.number, request, max_tokens, sampling)
+
+
+def render_item(item: BatchItem, tokenizer: Any, date: str) -> BatchItem | LineFailure:
+    """Render the item's harmony prompt (done only for lines that will run)."""
+    try:
+        item.prompt = render_prompt(item.request, tokenizer, date=date)
+    except GptOssError as e:
+        return LineFailure(item.id, item.line, str(e))
+    return item
+
+
+def _load_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise UsageError("JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"expected a JSON object, got {type(obj).__name__}")
+    if "\\ud" in text.lower():
+        # json.loads lets "\ud800" through as a lone surrogate, which UTF-8 cannot carry.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("contains an unpaired surrogate escape (\\ud800-\\udfff)") from None
+    return obj
+
+
+def _parse_id(value: Any, number: int) -> str | int:
+    if value is None:
+        return number
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UsageError(f"id: expected a string or an integer, got {type(value).__name__}")
+    return value
+
+
+def _chat_request(obj: dict[str, Any], defaults: BatchDefaults) -> ChatRequest:
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise UsageError('expected "messages" (a chat) or "prompt" (a string), exactly one')
+    if has_prompt:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise UsageError(f"prompt: expected a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise UsageError("prompt: empty")
+        messages: Any = [{"role": "user", "content": prompt}]
+    else:
+        messages = obj["messages"]
+    effort = obj.get("reasoning_effort", defaults.reasoning_effort)
+    tools = obj["tools"] if "tools" in obj else defaults.tools
+    request = parse_chat_request({"messages": messages, "tools": tools, "reasoning_effort": effort})
+    if defaults.instructions:
+        # Prepended after parsing so that errors name the line's own message indices.
+        first = ChatMessage("developer", defaults.instructions)
+        request = ChatRequest((first, *request.messages), request.tools, request.reasoning_effort)
+    return request
+
+
+def _int_field(obj: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{key}: expected an integer, got {type(value).__name__}")
+    if not lo <= value < hi:
+        raise UsageError(f"{key}: must be in [{lo}, {hi}), got {value}")
+    return value
+
+
+def _float_field(obj: dict[str, Any], key: str, default: float) -> float:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{key}: expected a number, got {type(value).__name__}")
+    value = float(value)  # an int too large for a float raises OverflowError
+    if not math.isfinite(value):
+        raise UsageError(f"{key}: expected a finite number, got {value}")
+    return value
+
+
+def _sampling(obj: dict[str, Any], base: SamplingParams, line_id: str | int) -> SamplingParams:
+    try:
+        seed = _int_field(obj, "seed", None, 0, 2**64)
+        if seed is None and base.seed is not None:
+            seed = line_seed(base.seed, line_id)
+        params = SamplingParams(
+            temperature=_float_field(obj, "temperature", base.temperature),
+            top_p=_float_field(obj, "top_p", base.top_p),
+            top_k=_int_field(obj, "top_k", base.top_k, 0, 2**31),
+            min_p=_float_field(obj, "min_p", base.min_p),
+            seed=seed,
+        )
+    except OverflowError:
+        raise UsageError("a sampling setting is too large a number") from None
+    params.validate()
+    return params
+
+
+def result_record(item: BatchItem, result: BatchResult, tokenizer: Any) -> dict[str, Any]:
+    """The output record of a finished sequence (an error record if it failed)."""
+    if result.finish_reason == "error":
+        return LineFailure(item.id, item.line, result.error or "failed").record()
+    parsed = parse_completion(result.tokens, tokenizer.decode_bytes, harmony_ids(tokenizer))
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+    return {
+        "id": item.id,
+        "line": item.line,
+        "final": parsed.final,
+        "reasoning": parsed.reasoning,
+        "tool_calls": parsed.tool_calls,
+        # "length" when the sequence stopped without a stop token (max_tokens or context).
+        "finish_reason": parsed.finish_reason,
+        "usage": usage,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _FailFast(Exception):
+    """Raised inside the request feed to stop the engine at the first failed line."""
+
+
+class BatchJob:
+    """Runs input lines through a `BatchEngine` and writes a record for each as it finishes.
+
+    `summary` is kept up to date, so it is meaningful after an interrupt too. Ids already in
+    `done` (id_key form) are skipped; a repeated id fails as a duplicate; with `fail_fast` the
+    run stops after the first error record.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        defaults: BatchDefaults,
+        batch_size: int = 8,
+        max_context: int | None = None,
+        date: str | None = None,
+        done: Iterable[str] = (),
+        fail_fast: bool = False,
+    ):
+        defaults.validate()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.date = check_date(date)  # one date for every line, and for a later --resume
+        self.done = set(done)
+        self.fail_fast = fail_fast
+        ids = harmony_ids(tokenizer)
+        self.engine = BatchEngine(
+            model,
+            batch_size=batch_size,
+            stop_ids=(ids.return_, ids.call, ids.endoftext),
+            max_context=max_context,
+        )
+        self.summary = BatchSummary()
+        self._t0 = time.perf_counter()
+
+    def live(self) -> tuple[int, int, int, float]:
+        """(lines done, errors, tokens generated, seconds) now, unfinished sequences' tokens
+        included: what the progress bar shows. Safe to call from another thread."""
+        s = self.summary
+        tokens = self.engine.stats.completion_tokens
+        return s.records + s.skipped, s.errors, tokens, time.perf_counter() - self._t0
+
+    def run(
+        self, lines: Iterable[InputLine], write: Callable[[dict[str, Any]], None]
+    ) -> BatchSummary:
+        """Run every line; `write` gets each record (a dict) as soon as it exists."""
+        s = self.summary
+        t0 = self._t0 = time.perf_counter() - s.seconds
+        pending: dict[int, BatchItem] = {}
+        seen: dict[str, int] = {}  # id_key -> the line that first used it
+
+        def emit(record: dict[str, Any]) -> None:
+            write(record)
+            s.records += 1
+            s.seconds = time.perf_counter() - t0
+            if "error" in record:
+                s.errors += 1
+                s.first_error = s.first_error or f"line {record['line']}: {record['error']}"
+            if "error" in record and self.fail_fast:
+                raise _FailFast
+
+        def feed() -> Iterator[BatchRequest]:
+            for line in lines:
+                item = parse_line(line, self.defaults)
+                key = id_key(item.id)
+                if isinstance(item, BatchItem) or item.id_known:
+                    first = seen.setdefault(key, item.line)
+                    if first != item.line:
+                        error = f"duplicate id (first on line {first})"
+                        item = LineFailure(item.id, item.line, error)
+                if isinstance(item, BatchItem) and key in self.done:
+                    s.skipped += 1
+                    continue
+                if isinstance(item, BatchItem):
+                    item = render_item(item, self.tokenizer, self.date)
+                if isinstance(item, LineFailure):
+                    emit(item.record())
+                    continue
+                pending[item.line] = item
+                yield BatchRequest(item.prompt, item.max_tokens, item.sampling, id=item.line)
+
+        try:
+            for result in self.engine.run(feed()):
+                item = pending.pop(result.id)
+                record = result_record(item, result, self.tokenizer)
+                if "error" not in record:
+                    s.prompt_tokens += result.prompt_tokens
+                    s.completion_tokens += result.completion_tokens
+                emit(record)
+        except _FailFast:
+            pass
+        finally:
+            s.seconds = time.perf_counter() - t0
+        return s
+
+
+class _TermAsInterrupt:
+    """SIGTERM raises KeyboardInterrupt while active, so a terminated run closes its output
+    the way Ctrl-C does (flushed, fsync'd, summary printed). Main thread only."""
+
+    def __enter__(self) -> None:
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def run_batch_file(
+    job: BatchJob,
+    input_path: str,
+    plan: OutputPlan,
+    *,
+    progress: bool | None = None,
+    quiet: bool = False,
+    log: TextIO | None = None,
+) -> BatchSummary:
+    """The whole command: read `input_path` ("-": stdin), write per `plan`, show progress
+    (`None`: when `log` is a terminal) and a summary on `log` (stderr). An interrupt still
+    closes the output cleanly and prints the summary before it propagates."""
+    log = log or sys.stderr
+    source = open_input(input_path)
+    for note in [] if quiet else plan.notes():
+        print(note, file=log)
+    job.done |= plan.done
+    writer = plan.open()
+    show = not quiet and (progress if progress is not None else _isatty(log))
+    bar = None
+    if show:
+        total = count_lines(input_path) if input_path != "-" else None
+        bar = Progress(log, total, job.live)
+        bar.start()
+    interrupted = False
+    try:
+        with _TermAsInterrupt():
+            job.run(read_lines(source), writer.write)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        try:
+            writer.close()
+        finally:
+            if source is not sys.stdin.buffer:
+                source.close()
+            if bar is not None:
+                bar.close()
+            if not quiet:
+                print(job.summary.line(), file=log)
+                if interrupted and plan.path is not None:
+                    # The date is part of every prompt: pin it for a resume on another day.
+                    hint = f"--resume --date {job.date}"
+                    print(f"interrupted: to finish, run the same command with {hint}", file=log)
+    return job.summary
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
