@@ -1,5 +1,8 @@
 """Random gpt-oss checkpoints in the real file layouts, for tests and benchmarks (no real weights here).
 
+`random_model` builds a random model directly in memory instead (no files; its scales are given
+there), for engine tests and benchmarks that need no checkpoint.
+
 `write_hf_checkpoint` and `write_original_checkpoint` write the same random weights for the same
 seed (each logical tensor has its own generator keyed by (seed, name)), so the two layouts must
 convert to identical outputs. Tensors are generated and streamed chunk by chunk, so a full-size
@@ -17,9 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from gptoss_mlx.config import ModelConfig
+from gptoss_mlx.model import GptOss
+from gptoss_mlx.tokenizer import bytes_to_unicode, harmony_special_tokens
 
 from .safetensors_io import SafetensorsWriter, TensorSpec
 from .source import INDEX_NAME, ORIGINAL_BLOCK, ORIGINAL_TOP, Expected, expected_tensors
@@ -57,20 +64,6 @@ GENERATION_CONFIG = {
     "pad_token_id": 199999,
     "transformers_version": "4.55.0.dev0",
 }
-# o200k_harmony's named special tokens; every other id in 200000..201087 is <|reserved_ID|>.
-HARMONY_SPECIAL = {
-    199998: "<|startoftext|>",
-    199999: "<|endoftext|>",
-    200002: "<|return|>",
-    200003: "<|constrain|>",
-    200005: "<|channel|>",
-    200006: "<|start|>",
-    200007: "<|end|>",
-    200008: "<|message|>",
-    200012: "<|call|>",
-    200018: "<|endofprompt|>",
-}
-_SPECIAL_RANGE = (200000, 201088)
 _MERGES = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r"), ("Ġ", "a"), ("o", "n")]
 
 
@@ -249,22 +242,6 @@ def write_original_checkpoint(path: str | Path, cfg: ModelConfig, seed: int = 0)
     return path
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to code points 256+.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    mapping = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def write_byte_level_tokenizer_json(path: str | Path) -> Path:
     """A minimal valid Hugging Face `tokenizers` file with o200k_harmony's special token ids.
 
@@ -272,26 +249,25 @@ def write_byte_level_tokenizer_json(path: str | Path) -> Path:
     hold the harmony specials and <|reserved_ID|> tokens at their real ids (199998..201087).
     """
     path = Path(path)
-    b2u = bytes_to_unicode()
-    symbols = list(b2u.values())  # printable bytes first, as in GPT-2 / o200k ranks
+    symbols = list(bytes_to_unicode().values())  # printable bytes first, as in GPT-2 / o200k ranks
     vocab = {s: i for i, s in enumerate(symbols)}
     for a, b in _MERGES:
         vocab[a + b] = len(vocab)
-    ids = [199998, 199999, *range(*_SPECIAL_RANGE)]
+    specials = sorted(harmony_special_tokens().items(), key=lambda item: item[1])  # id order
     # `tokenizers` keeps an added token's id only if the model vocabulary maps it to that id
     # (the real file fills every id below 199998 instead); so the specials go in both.
-    vocab.update({HARMONY_SPECIAL.get(i, f"<|reserved_{i}|>"): i for i in ids})
+    vocab.update(specials)
     added = [
         {
             "id": i,
-            "content": HARMONY_SPECIAL.get(i, f"<|reserved_{i}|>"),
+            "content": name,
             "single_word": False,
             "lstrip": False,
             "rstrip": False,
             "normalized": False,
             "special": True,
         }
-        for i in ids
+        for name, i in specials
     ]
     doc = {
         "version": "1.0",
@@ -327,3 +303,39 @@ def write_byte_level_tokenizer_json(path: str | Path) -> Path:
     }
     path.write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, bits: int | None = None) -> GptOss:
+    """A random model built in memory, its weights laid out the way a converted folder holds them.
+
+    MXFP4 experts are random bits with scale bytes in [118, 125] (2^-9 .. 2^-2), norms ~1 + N(0,
+    0.1²), every other float ~N(0, 0.05²); one key per parameter, split from `seed`'s. `bits` 8 or
+    4 then quantizes attention, embeddings and lm_head the way the mxfp4-q8/q4 recipes store them
+    (affine, group 64; the router stays float); None keeps them float.
+    """
+    model = GptOss(cfg)
+    key = mx.random.key(seed)
+    weights = []
+    for name, v in tree_flatten(model.parameters()):
+        key, k = mx.random.split(key)
+        if v.dtype == mx.uint32:
+            w = mx.random.randint(0, 2**31, v.shape, key=k).astype(mx.uint32)
+        elif v.dtype == mx.uint8:
+            w = mx.random.randint(118, 126, v.shape, key=k).astype(mx.uint8)
+        elif "norm" in name:
+            w = 1 + 0.1 * mx.random.normal(v.shape, key=k)
+        else:
+            w = 0.05 * mx.random.normal(v.shape, key=k)
+        weights.append((name, w))
+    model.load_weights(weights)
+    if bits is not None:
+        nn.quantize(
+            model,
+            group_size=64,
+            bits=bits,
+            class_predicate=lambda path, m: (
+                isinstance(m, (nn.Linear, nn.Embedding)) and "router" not in path
+            ),
+        )
+    mx.eval(model.parameters())
+    return model

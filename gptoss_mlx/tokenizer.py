@@ -194,8 +194,11 @@ class StreamingDetokenizer:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, used by byte-level tokenizer.json vocabs."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, used by byte-level tokenizer.json vocabs.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to code points 256+.
+    """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += range(ord("®"), ord("ÿ") + 1)
     mapping = {b: chr(b) for b in printable}
@@ -253,7 +256,7 @@ def _tokenizer_from_spec(path: Path, spec: Any) -> Tokenizer:
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     special_ids = set(special.values())
     # str.translate + latin-1 turns each byte-level key back into its bytes at C speed.
-    table = {ord(ch): chr(b) for b, ch in _bytes_to_unicode().items()}
+    table = {ord(ch): chr(b) for b, ch in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     for key, rank in model["vocab"].items():
         if rank in special_ids:  # some files list added tokens in the vocab too; they are not BPE

@@ -16,35 +16,13 @@ import argparse
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from gptoss_mlx.batching import BatchEngine, BatchRequest
 from gptoss_mlx.config import ModelConfig
+from gptoss_mlx.convert.synthetic import random_model
 from gptoss_mlx.generate import SamplingParams, generate
 from gptoss_mlx.model import GptOss
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> GptOss:
-    """Random weights in the converted layout: MXFP4 experts as random bits, float elsewhere."""
-    model = GptOss(cfg)
-    key = mx.random.key(seed)
-    weights = []
-    for name, v in tree_flatten(model.parameters()):
-        key, k = mx.random.split(key)
-        if v.dtype == mx.uint32:
-            w = mx.random.randint(0, 2**31, v.shape, key=k).astype(mx.uint32)
-        elif v.dtype == mx.uint8:
-            w = mx.random.randint(118, 126, v.shape, key=k).astype(mx.uint8)
-        elif "norm" in name:
-            w = 1 + 0.1 * mx.random.normal(v.shape, key=k)
-        else:
-            w = 0.05 * mx.random.normal(v.shape, key=k)
-        weights.append((name, w))
-    model.load_weights(weights)
-    mx.eval(model.parameters())
-    return model
 
 
 def main() -> None:
@@ -86,18 +64,7 @@ def main() -> None:
         vocab_size=args.vocab,
         sliding_window=args.window,
     )
-    model = random_model(cfg)
-    if args.bits:
-        # The mxfp4-q8/q4 recipes' affine group-64 layers; the router stays float.
-        nn.quantize(
-            model,
-            group_size=64,
-            bits=args.bits,
-            class_predicate=lambda path, m: (
-                isinstance(m, (nn.Linear, nn.Embedding)) and "router" not in path
-            ),
-        )
-        mx.eval(model.parameters())
+    model = random_model(cfg, bits=args.bits or None)
     rng = np.random.default_rng(0)
     if args.via_job:
         bench_job(args, model, rng)

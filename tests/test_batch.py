@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_config
+from conftest import convert_chat_model
 from gptoss_mlx.batch import (
     BatchDefaults,
     BatchItem,
@@ -37,17 +37,14 @@ from gptoss_mlx.batch_io import InputLine, plan_output, read_lines
 from gptoss_mlx.chat import run_turn
 from gptoss_mlx.chat_request import parse_chat_request
 from gptoss_mlx.cli import main
-from gptoss_mlx.convert.convert import convert
-from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.generate import SamplingParams
 from gptoss_mlx.harmony import render_prompt
 from gptoss_mlx.loading import load_for_inference
-from gptoss_mlx.tokenizer import find_default_vocab
+from vocabs import REAL_VOCAB, needs_real_vocab
 
 DATE = "2025-01-01"
 GREEDY = SamplingParams(temperature=0.0)
 RESULT_KEYS = {"id", "line", "final", "reasoning", "tool_calls", "finish_reason", "usage"}
-REAL_VOCAB = find_default_vocab()
 WEATHER = {
     "type": "function",
     "function": {
@@ -73,12 +70,7 @@ TOOL_CHAT = [
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
-    """A converted 2-layer model with the real vocabulary size (harmony ids are ~200k)."""
-    root = tmp_path_factory.mktemp("batch")
-    cfg = make_tiny_config(num_hidden_layers=2, vocab_size=201088)
-    out = root / "mlx"
-    convert(write_hf_checkpoint(root / "hf", cfg, seed=0), out, progress=False)
-    return str(out)
+    return str(convert_chat_model(tmp_path_factory.mktemp("batch")))
 
 
 @pytest.fixture(scope="module")
@@ -254,11 +246,7 @@ def test_greedy_records_equal_single_runs(loaded, batch_size):
     assert summary.errors == 0
 
 
-@pytest.mark.skipif(
-    REAL_VOCAB is None,
-    reason="needs the real o200k vocabulary (set TIKTOKEN_ENCODINGS_BASE to a folder with "
-    "o200k_base.tiktoken) to decode multi-byte text the way real outputs are decoded",
-)
+@needs_real_vocab("to decode multi-byte text the way real outputs are decoded")
 def test_greedy_records_equal_single_runs_with_the_real_vocabulary(folder, tmp_path):
     real = tmp_path / "real"
     shutil.copytree(folder, real)

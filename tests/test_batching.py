@@ -10,8 +10,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
+from conftest import make_tiny_config
 from gptoss_mlx.batching import (
     BatchEngine,
     BatchRequest,
@@ -20,7 +20,8 @@ from gptoss_mlx.batching import (
     merge_caches,
     sample_rows,
 )
-from gptoss_mlx.config import FULL, ModelConfig
+from gptoss_mlx.config import FULL
+from gptoss_mlx.convert.synthetic import random_model
 from gptoss_mlx.errors import UsageError
 from gptoss_mlx.generate import SamplingParams, generate, prefill
 from gptoss_mlx.model import GptOss
@@ -34,37 +35,15 @@ MAX_TOKENS = [20, 5, 12, 1, 17, 9, 14, 3]
 
 
 def tiny_model(seed: int = 0, layers: int = 2) -> GptOss:
-    """Random weights the way a converted checkpoint holds them: MXFP4 experts as random bits
-    with scales 2^-9..2^-2, everything else small normals, norms near 1."""
-    cfg = ModelConfig(
+    """Random weights the way a converted checkpoint holds them (see `random_model`)."""
+    cfg = make_tiny_config(
         num_hidden_layers=layers,
-        hidden_size=64,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=64,
         num_local_experts=8,
-        num_experts_per_tok=2,
         sliding_window=WINDOW,
         vocab_size=VOCAB,
     )
-    model = GptOss(cfg)
-    key = mx.random.key(seed)
-    weights = []
-    for name, v in tree_flatten(model.parameters()):
-        key, k = mx.random.split(key)
-        if v.dtype == mx.uint32:
-            w = mx.random.randint(0, 2**31, v.shape, key=k).astype(mx.uint32)
-        elif v.dtype == mx.uint8:
-            w = mx.random.randint(118, 126, v.shape, key=k).astype(mx.uint8)
-        elif "norm" in name:
-            w = 1 + 0.1 * mx.random.normal(v.shape, key=k)
-        else:
-            w = 0.05 * mx.random.normal(v.shape, key=k)
-        weights.append((name, w))
-    model.load_weights(weights)
-    mx.eval(model.parameters())
-    return model
+    return random_model(cfg, seed)
 
 
 def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 Three levels: the commands on a tiny random model converted like a real one (in-process with
 click's runner, plus a few real subprocesses for what only a process shows: exit codes, closed
-pipes, tracebacks); the commands on the scripted model of test_chat (exact outputs); and
+pipes, tracebacks); the commands on the scripted model of scripted_chat.py (exact outputs); and
 `ChatLoop` driven through the library API with piped input.
 """
 
@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_chat import (
+
+from conftest import convert_chat_model
+from gptoss_mlx.chat_request import parse_chat_request
+from gptoss_mlx.cli import main
+from gptoss_mlx.harmony import render_prompt
+from gptoss_mlx.repl import HELP, SKIPPED, ChatLoop
+from gptoss_mlx.tokenizer import load_tokenizer
+from scripted_chat import (
     WEATHER_TOOL,
     ScriptedModel,
     contains,
@@ -29,34 +36,15 @@ from test_chat import (
     session,
     tool_call,
 )
-
-from conftest import make_tiny_config
-from gptoss_mlx.chat_request import parse_chat_request
-from gptoss_mlx.cli import main
-from gptoss_mlx.convert.convert import convert
-from gptoss_mlx.convert.synthetic import write_hf_checkpoint
-from gptoss_mlx.harmony import render_prompt
-from gptoss_mlx.repl import HELP, SKIPPED, ChatLoop
-from gptoss_mlx.tokenizer import find_default_vocab, load_tokenizer
-
-REAL_VOCAB = find_default_vocab()
-needs_real_vocab = pytest.mark.skipif(
-    REAL_VOCAB is None,
-    reason="needs the real o200k vocabulary (set TIKTOKEN_ENCODINGS_BASE to a folder with "
-    "o200k_base.tiktoken): the tiny model samples ids the synthetic vocabulary cannot decode",
-)
-
+from vocabs import REAL_VOCAB, needs_real_vocab
 
 # --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
-    """A converted 2-layer model with the real vocabulary size (harmony ids are ~200k)."""
-    root = tmp_path_factory.mktemp("cli")
-    cfg = make_tiny_config(num_hidden_layers=2, vocab_size=201088)
-    out = root / "mlx"
-    convert(write_hf_checkpoint(root / "hf", cfg, seed=0), out, progress=False)
+    """`convert_chat_model`, with the real vocabulary when it is here."""
+    out = convert_chat_model(tmp_path_factory.mktemp("cli"))
     if REAL_VOCAB is not None:
         # load_tokenizer prefers o200k_base.tiktoken over the synthetic tokenizer.json.
         shutil.copy(REAL_VOCAB, out / "o200k_base.tiktoken")
@@ -141,7 +129,7 @@ def test_generate_reads_the_prompt_from_stdin(folder):
     assert json.loads(piped.stdout) == json.loads(cli(*args, "-p", "Hello").stdout)
 
 
-@needs_real_vocab
+@needs_real_vocab("the tiny model samples ids the synthetic vocabulary cannot decode")
 def test_generate_raw_completes_the_text(folder):
     args = ("generate", "-m", folder, "-p", "def fibonacci(n):", "--raw", "-t", "0", "-n", "8")
     res = cli(*args)

@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import start_slow_convert
 from gptoss_mlx.cli import main as cli_main
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert import convert as convert_mod
@@ -748,29 +748,11 @@ def test_parse_size():
 
 # ---------------------------------------------------------------- signals (subprocess)
 
-SLOW_CONVERT = textwrap.dedent(
-    """
-    import sys, time
-    from gptoss_mlx.convert.safetensors_io import SafetensorsWriter
-    real = SafetensorsWriter.write
-    def slow(self, name, data):
-        time.sleep(0.02)
-        return real(self, name, data)
-    SafetensorsWriter.write = slow
-    from gptoss_mlx.cli import main
-    main(["convert", sys.argv[1], sys.argv[2], "--quiet"])
-    """
-)
-
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_run_leaves_no_output(tmp_path, tiny_hf_checkpoint, sig):
     out = tmp_path / "o"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_CONVERT, str(tiny_hf_checkpoint), str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_slow_convert(tiny_hf_checkpoint, out, text=True)
     deadline = time.monotonic() + 60
     while not any(".partial-" in p.name for p in tmp_path.iterdir()):
         assert proc.poll() is None, proc.stderr.read()

@@ -21,8 +21,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_harmony_parser import CONTROL, RESERVED, fake_decode_bytes, toks
-from test_harmony_parser import IDS as H
 
 from conftest import make_tiny_config
 from gptoss_mlx.chat_request import load_chat_request, parse_chat_request
@@ -40,6 +38,8 @@ from gptoss_mlx.harmony_parser import (
 from gptoss_mlx.loading import _check_manifest_entry
 from gptoss_mlx.safetensors_header import DTYPES, parse_header, read_header
 from gptoss_mlx.weights_layout import expected_weights
+from vocabs import CONTROL, RESERVED, fake_decode_bytes, toks, write_tiny_tokenizer_json
+from vocabs import IDS as H
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -358,8 +358,6 @@ def test_random_request_bytes(data):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from test_tokenizer import write_tiny_tokenizer_json
-
     from gptoss_mlx.tokenizer import load_tokenizer
 
     return load_tokenizer(write_tiny_tokenizer_json(tmp_path_factory.mktemp("tok")))
@@ -500,8 +498,6 @@ def test_mutated_tokenizer_json(tiny_tokenizer_spec, scratch, edits):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer_spec(tmp_path_factory) -> str:
-    from test_tokenizer import write_tiny_tokenizer_json
-
     folder = write_tiny_tokenizer_json(tmp_path_factory.mktemp("tokspec"))
     return (folder / "tokenizer.json").read_text()
 

@@ -1,14 +1,12 @@
 """Tests for the streaming harmony parser, on a fake byte-level vocabulary.
 
-Fake vocabulary: ids 0..255 are single bytes, so every multi-byte character arrives split across
+Fake vocabulary (vocabs.py): ids 0..255 are single bytes, so every multi-byte character arrives split across
 tokens; the harmony control ids are the real ones; two reserved ids render as their names.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +14,6 @@ from hypothesis import strategies as st
 
 from gptoss_mlx.harmony_parser import (
     ContentDelta,
-    HarmonyIds,
     HarmonyStreamParser,
     Message,
     MessageEnd,
@@ -25,24 +22,10 @@ from gptoss_mlx.harmony_parser import (
     message_kind,
     parse_completion,
 )
+from vocabs import CONTROL, IDS, RESERVED, fake_decode_bytes, real_vocab_dir, toks
 
-IDS = HarmonyIds()
 S, E, M, C, K = IDS.start, IDS.end, IDS.message, IDS.channel, IDS.constrain
 RET, CALL, EOT = IDS.return_, IDS.call, IDS.endoftext
-RESERVED = {200010: b"<|reserved_200010|>", 199998: b"<|startoftext|>"}
-CONTROL = [S, E, M, C, K, RET, CALL, EOT]
-
-
-def fake_decode_bytes(ids: list[int]) -> bytes:
-    return b"".join(bytes([i]) if i < 256 else RESERVED[i] for i in ids)
-
-
-def toks(*parts: str | int) -> list[int]:
-    """Strings become one token per UTF-8 byte; ints are token ids."""
-    out: list[int] = []
-    for part in parts:
-        out.extend(part.encode() if isinstance(part, str) else [part])
-    return out
 
 
 def run(tokens: list[int], **kwargs) -> tuple[list, list[list]]:
@@ -330,16 +313,15 @@ def test_random_streams_never_raise_and_deltas_match_messages(chunks, role):
     assert Counter(c for c in shown if c in "Z#7") == Counter(c for c in text_in if c in "Z#7")
 
 
-def _real_encoding(monkeypatch):
-    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    if not base or not (Path(base) / "o200k_base.tiktoken").is_file():
-        pytest.skip("needs TIKTOKEN_ENCODINGS_BASE pointing at a folder with o200k_base.tiktoken")
+@pytest.fixture
+def real_encoding(monkeypatch):
+    """tiktoken's o200k_harmony on the local vocabulary (skips without it)."""
+    local = str(real_vocab_dir() / "o200k_base.tiktoken")
     import tiktoken
     import tiktoken.load
     import tiktoken_ext.openai_public as public
 
     # tiktoken's o200k_harmony definition, with the ranks read from the local file.
-    local = str(Path(base) / "o200k_base.tiktoken")
     real_load = tiktoken.load.load_tiktoken_bpe
     monkeypatch.setattr(
         public, "load_tiktoken_bpe", lambda url, expected_hash=None: real_load(local, expected_hash)
@@ -358,8 +340,8 @@ def _real_encoding(monkeypatch):
         '<|channel|>commentary json<|message|>{"a": [1, 2]}<|call|>',
     ],
 )
-def test_real_vocabulary_matches_openai_harmony(monkeypatch, completion):
-    enc = _real_encoding(monkeypatch)
+def test_real_vocabulary_matches_openai_harmony(real_encoding, completion):
+    enc = real_encoding
     harmony = pytest.importorskip("openai_harmony")
     tokens = enc.encode(completion, allowed_special="all")
     events, _ = run_real(enc, tokens)

@@ -9,8 +9,6 @@ TIKTOKEN_ENCODINGS_BASE must name a folder holding o200k_base.tiktoken.
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import pytest
 
@@ -18,28 +16,20 @@ from gptoss_mlx.chat_request import parse_chat_request
 from gptoss_mlx.errors import UsageError
 from gptoss_mlx.harmony import render_prompt, render_prompt_prefix, render_text
 from gptoss_mlx.tokenizer import load_tokenizer
+from vocabs import real_vocab_dir, write_tiny_tokenizer_json
 
 DATE = "2025-03-04"
 
 
-def _vocab_dir() -> Path:
-    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    if not base or not (Path(base) / "o200k_base.tiktoken").is_file():
-        pytest.skip(
-            "real vocabulary unavailable: set TIKTOKEN_ENCODINGS_BASE to ../shared/tokenizer"
-        )
-    return Path(base)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(_vocab_dir())
+    return load_tokenizer(real_vocab_dir())
 
 
 @pytest.fixture(scope="module")
 def hx():
     """openai_harmony plus its gpt-oss encoding (reads $TIKTOKEN_ENCODINGS_BASE, no download)."""
-    _vocab_dir()
+    real_vocab_dir()
     return pytest.importorskip("openai_harmony", reason="openai-harmony is not installed")
 
 
@@ -437,8 +427,6 @@ def test_bad_date_is_a_usage_error():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from test_tokenizer import write_tiny_tokenizer_json
-
     return load_tokenizer(write_tiny_tokenizer_json(tmp_path_factory.mktemp("tiny")))
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
+from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from oracles import (
     mlx_lm_forward,
@@ -20,9 +23,6 @@ from oracles import (
     read_hf_folder,
     yarn_inv_freq,
 )
-from safetensors.numpy import save_file
-
-from gptoss_mlx.config import ModelConfig
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -11,6 +11,7 @@ from gptoss_mlx.chat_request import parse_chat_request
 from gptoss_mlx.cli import main
 from gptoss_mlx.harmony import render_prompt
 from gptoss_mlx.tokenizer import load_tokenizer
+from vocabs import write_tiny_tokenizer_json
 
 REQUEST = {
     "reasoning_effort": "low",
@@ -24,8 +25,6 @@ REQUEST = {
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from test_tokenizer import write_tiny_tokenizer_json
-
     return write_tiny_tokenizer_json(tmp_path_factory.mktemp("model"))
 
 

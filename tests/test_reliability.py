@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from conftest import make_tiny_config
+from conftest import convert_chat_model, make_tiny_config, start_slow_convert
 from gptoss_mlx import loading
 from gptoss_mlx.cli import main
 from gptoss_mlx.config import ModelConfig
@@ -36,10 +35,9 @@ from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.errors import CheckpointError, ConfigError
 from gptoss_mlx.loading import inspect_folder, load_model
 from gptoss_mlx.model import GptOss
-from gptoss_mlx.tokenizer import find_default_vocab
 from gptoss_mlx.weights_layout import expected_weights
+from vocabs import REAL_VOCAB, needs_real_vocab
 
-REAL_VOCAB = find_default_vocab()
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
 BF16_NAN = 0x7FC0
 
@@ -146,12 +144,7 @@ def folder(pristine, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory) -> Path:
-    """A converted 2-layer model with the real vocabulary size (harmony ids are ~200k)."""
-    root = tmp_path_factory.mktemp("chat")
-    cfg = make_tiny_config(num_hidden_layers=2, vocab_size=201088)
-    out = root / "mlx"
-    convert(write_hf_checkpoint(root / "hf", cfg, seed=0), out, progress=False)
-    return out
+    return convert_chat_model(tmp_path_factory.mktemp("chat"))
 
 
 # --------------------------------------------------------------------------- hostile shards
@@ -516,27 +509,10 @@ def test_vocab_in_bounds_but_not_the_embeddings(folder, no_mlx):
 
 # --------------------------------------------------------------------------- conversion: SIGKILL
 
-SLOW_CONVERT = textwrap.dedent(
-    """
-    import sys, time
-    from gptoss_mlx.convert.safetensors_io import SafetensorsWriter
-    real = SafetensorsWriter.write
-    def slow(self, name, data):
-        time.sleep(0.02)
-        return real(self, name, data)
-    SafetensorsWriter.write = slow
-    from gptoss_mlx.cli import main
-    main(["convert", sys.argv[1], sys.argv[2], "--quiet"])
-    """
-)
-
 
 def test_sigkill_mid_conversion_leaves_no_out_and_next_run_cleans_up(tmp_path, tiny_hf_checkpoint):
     out = tmp_path / "o"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_CONVERT, str(tiny_hf_checkpoint), str(out)],
-        stderr=subprocess.PIPE,
-    )
+    proc = start_slow_convert(tiny_hf_checkpoint, out)
     partial = tmp_path / f".o.partial-{proc.pid}"
     deadline = time.monotonic() + 60
     while not any(partial.glob("*.safetensors")):  # killed while writing a shard
@@ -627,11 +603,7 @@ def test_nan_weights_are_one_line_exit_1(chat_folder, tmp_path):
         assert "non-finite logits" in line and "gptoss-mlx verify" in line
 
 
-@pytest.mark.skipif(
-    REAL_VOCAB is None,
-    reason="needs the real o200k vocabulary (set TIKTOKEN_ENCODINGS_BASE): the tiny model samples "
-    "ids the synthetic vocabulary cannot decode",
-)
+@needs_real_vocab("the tiny model samples ids the synthetic vocabulary cannot decode")
 def test_output_piped_into_head_exits_quietly(chat_folder, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(chat_folder, folder)

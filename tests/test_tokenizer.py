@@ -8,8 +8,6 @@ TIKTOKEN_ENCODINGS_BASE) is compared with tiktoken's own o200k_harmony when avai
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import tiktoken
@@ -23,77 +21,12 @@ from gptoss_mlx.tokenizer import (
     StreamingDetokenizer,
     load_tokenizer,
 )
-
-# --- a tiny byte-level BPE in Hugging Face's format ----------------------------------------------
-
-
-def gpt2_byte_chars() -> dict[int, str]:
-    """GPT-2's bytes_to_unicode, written out from its definition (independent of the library)."""
-    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-
-# Multi-token words, a 2-byte and a 3-byte UTF-8 character, so merges cross character bounds.
-TINY_MERGES = [b"th", b"the", b" the", b"in", b"ing", b" w", "é".encode(), "中".encode()[:2]]
-
-
-def tiny_ranks() -> dict[bytes, int]:
-    ranks = {bytes([b]): b for b in range(256)}
-    for token in TINY_MERGES:
-        ranks[token] = len(ranks)
-    return ranks
-
-
-def write_tiny_tokenizer_json(path: Path) -> Path:
-    chars = gpt2_byte_chars()
-
-    def as_key(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    ranks = tiny_ranks()
-    merges = []
-    for token in TINY_MERGES:  # each merge joins the longest known prefix with the rest
-        split = max(i for i in range(1, len(token)) if token[:i] in ranks)
-        merges.append([as_key(token[:split]), as_key(token[split:])])
-    added = [
-        {"id": i, "content": name, "special": True} for name, i in HARMONY_NAMED_TOKENS.items()
-    ]
-    added += [{"id": 201087, "content": "<|reserved_201087|>", "special": True}]
-    spec = {
-        "version": "1.0",
-        "added_tokens": added,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated"},
-                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
-            ],
-        },
-        "decoder": {"type": "ByteLevel"},
-        "model": {
-            "type": "BPE",
-            "vocab": {as_key(token): rank for token, rank in ranks.items()},
-            "merges": merges,
-        },
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return path
+from vocabs import TINY_MERGES, real_vocab_dir, tiny_ranks, write_tiny_tokenizer_json
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return load_tokenizer(write_tiny_tokenizer_json(tmp_path_factory.mktemp("tiny")))
-
-
-def real_vocab_dir() -> Path:
-    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    if not base or not (Path(base) / "o200k_base.tiktoken").is_file():
-        pytest.skip(
-            "real vocabulary unavailable: set TIKTOKEN_ENCODINGS_BASE to ../shared/tokenizer"
-        )
-    return Path(base)
 
 
 @pytest.fixture(scope="module")
