@@ -14,12 +14,16 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from .compiled_decode import start_decoder
 from .errors import GptOssError, UsageError
 
 # Prompt tokens per forward pass during prefill. Larger chunks amortise weight reads across more
 # tokens (the sorted expert gather reads each expert once per chunk); smaller ones bound the
 # attention scores' memory. Tuned with `gptoss-mlx bench`.
 PREFILL_CHUNK = 512
+# Decode steps replay one compiled graph over fixed-shape caches (compiled_decode.py): half the
+# host time per step; see docs/PERFORMANCE.md for the measurements behind this default.
+COMPILE_DECODE = True
 
 
 class ContextLimitError(UsageError):
@@ -110,7 +114,9 @@ def prefill(
     return prefill_ids(model, mx.array(list(tokens), dtype=mx.uint32)[None], cache, chunk)[0]
 
 
-def prefill_ids(model: Any, ids: mx.array, cache: list[Any], chunk: int = PREFILL_CHUNK) -> mx.array:
+def prefill_ids(
+    model: Any, ids: mx.array, cache: list[Any], chunk: int = PREFILL_CHUNK
+) -> mx.array:
     """`prefill` for an id array [batch, T] of equal-length rows; returns logits [batch, vocab]."""
     T = ids.shape[1]
     start = 0
@@ -184,6 +190,7 @@ def generate_tokens(
     t1 = time.perf_counter()
     stats.finish_reason = "length"
     n = 0
+    decoder = None
     try:
         while True:
             _check_finite(ok.item())
@@ -193,7 +200,8 @@ def generate_tokens(
             if not last:
                 # Build and launch the next step before handing this token out, so the device
                 # works while the caller streams text.
-                next_y, next_ok = step(model(y.reshape(1, 1), cache=cache)[0, -1])
+                decoder = decoder or start_decoder(model, cache, COMPILE_DECODE)
+                next_y, next_ok = step(decoder.step(y.reshape(1))[0])
                 mx.async_eval(next_y, next_ok)
             stats.generation_tokens = n
             stats.generation_seconds = time.perf_counter() - t1
@@ -205,6 +213,8 @@ def generate_tokens(
                 break
             y, ok = next_y, next_ok
     finally:
+        if decoder is not None:
+            decoder.finish()  # the caller's cache now holds every token fed back
         stats.generation_seconds = time.perf_counter() - t1
         stats.peak_memory_bytes = mx.get_peak_memory()
 

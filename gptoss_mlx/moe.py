@@ -72,9 +72,7 @@ class Experts(nn.Module):
         else:
             idx = experts
             xs = mx.expand_dims(x, (-2, -3))  # (N..., 1, 1, H): broadcast over the K experts
-        h = swiglu(
-            self.gate_proj(xs, idx, do_sort), self.up_proj(xs, idx, do_sort), self.limit
-        )
+        h = swiglu(self.gate_proj(xs, idx, do_sort), self.up_proj(xs, idx, do_sort), self.limit)
         y = self.down_proj(h, idx, do_sort)  # (..., 1, H)
         if do_sort:
             y = y[mx.argsort(order)].reshape(*lead, K, -1)

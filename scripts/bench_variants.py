@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""A/B measurements of our engine's performance options, side by side in one process.
+
+    python scripts/bench_variants.py -m DIR compile                # compiled vs plain decode step
+    python scripts/bench_variants.py -m DIR dtype                  # float32 vs bfloat16 activations
+    python scripts/bench_variants.py -m DIR fused                  # fused q/k/v and gate/up (experiment)
+    python scripts/bench_variants.py -m DIR prefill-chunk 128 256 512
+    python scripts/bench_variants.py -m DIR sort-threshold 64 1000000000
+
+Each variant is a separate engine; engines run in alternation (A, B, A, B, ...) on the same random
+prompt so that a shared machine's drift hits them alike, and the table gives each variant's ratio
+to the first one (median over pairs of adjacent runs). See docs/PERFORMANCE.md for the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import gptoss_mlx.moe as moe
+from gptoss_mlx import bench, load_model
+from gptoss_mlx.attention import Attention
+from gptoss_mlx.moe import Experts, MXFP4ExpertLinear, swiglu
+
+# --- the fused-projection experiment (not in the library: it did not pay off, see PERFORMANCE.md)
+
+
+class FusedAttention(Attention):
+    """Attention with q, k and v computed by one projection of the concatenated weights."""
+
+    def __call__(self, x, mask, cache=None):
+        B, L, _ = x.shape
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = mx.split(self.qkv_proj(x), [nq, nq + nk], axis=-1)
+        q = q.reshape(B, L, self.n_heads, -1).swapaxes(1, 2)
+        k = k.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)
+        v = v.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
+        )
+        return self.o_proj(o.swapaxes(1, 2).reshape(B, L, -1))
+
+
+class FusedExperts(Experts):
+    """Experts whose gate and up projections are one gather of the stacked [E, 2W, H] weights."""
+
+    def __call__(self, x, experts):
+        lead, K = experts.shape[:-1], experts.shape[-1]
+        do_sort = experts.size >= moe.SORT_THRESHOLD
+        if do_sort:
+            flat = experts.flatten()
+            order = mx.argsort(flat)
+            idx = flat[order]
+            xs = x.reshape(-1, 1, x.shape[-1])[order // K]
+        else:
+            idx = experts
+            xs = mx.expand_dims(x, (-2, -3))
+        gate, up = mx.split(self.gate_up_proj(xs, idx, do_sort), 2, axis=-1)
+        y = self.down_proj(swiglu(gate, up, self.limit), idx, do_sort)
+        if do_sort:
+            return y[mx.argsort(order)].reshape(*lead, K, -1)
+        return y.squeeze(-2)
+
+
+def _concat_linear(parts: list[nn.Module]) -> nn.Module:
+    """One (quantized) linear layer computing the given ones side by side."""
+    fused = parts[0]
+    names = [n for n in ("weight", "scales", "biases", "bias") if n in fused]
+    for n in names:
+        fused[n] = mx.concatenate([p[n] for p in parts], axis=0)
+    return fused
+
+
+def fuse(model) -> None:
+    """Turn `model` into the fused variant in place (weights concatenated at load time)."""
+    for layer in model.layers:
+        att = layer.self_attn
+        att.qkv_proj = _concat_linear([att.q_proj, att.k_proj, att.v_proj])
+        for n in ("q_proj", "k_proj", "v_proj"):
+            att.pop(n)
+        att.__class__ = FusedAttention
+        ex = layer.mlp.experts
+        gu = MXFP4ExpertLinear(1, 32, 8)
+        for n in ("weight", "scales", "bias"):
+            gu[n] = mx.concatenate([ex.gate_proj[n], ex.up_proj[n]], axis=1)
+        ex.gate_up_proj = gu
+        ex.pop("gate_proj")
+        ex.pop("up_proj")
+        ex.__class__ = FusedExperts
+    mx.eval(model.parameters())
+
+
+# --- variants ------------------------------------------------------------------------------------
+
+
+def _setting(module, name: str, value) -> Callable[[], contextlib.AbstractContextManager]:
+    @contextlib.contextmanager
+    def ctx():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, old)
+
+    return ctx
+
+
+def engines_for(args) -> tuple[list[bench.Engine], nn.Module]:
+    """The engines to compare, and one of their models (for the setup description)."""
+    compiled = not args.plain_decode
+    if args.variant == "compile":
+        model = load_model(args.model)
+        return [
+            bench.ours_engine(model, "plain", compiled=False),
+            bench.ours_engine(model, "compiled", compiled=True),
+        ], model
+    if args.variant == "dtype":
+        f32, bf16 = load_model(args.model, mx.float32), load_model(args.model, mx.bfloat16)
+        return [
+            bench.ours_engine(f32, "float32", compiled=compiled),
+            bench.ours_engine(bf16, "bfloat16", compiled=compiled),
+        ], f32
+    if args.variant == "fused":
+        fused = load_model(args.model)
+        fuse(fused)
+        plain = load_model(args.model)
+        return [
+            bench.ours_engine(plain, "separate", compiled=compiled),
+            bench.ours_engine(fused, "fused", compiled=compiled),
+        ], plain
+    model = load_model(args.model)
+    if not args.values:
+        sys.exit(f"{args.variant}: give the values to compare")
+    if args.variant == "prefill-chunk":
+        return [
+            bench.ours_engine(model, f"chunk={v}", prefill_chunk=v, compiled=compiled)
+            for v in args.values
+        ], model
+    return [
+        bench.ours_engine(
+            model, f"sort>={v}", compiled=compiled, context=_setting(moe, "SORT_THRESHOLD", v)
+        )
+        for v in args.values
+    ], model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-m", "--model", required=True, help="a converted model folder")
+    ap.add_argument(
+        "variant", choices=["compile", "dtype", "fused", "prefill-chunk", "sort-threshold"]
+    )
+    ap.add_argument("values", nargs="*", type=int, help="prefill-chunk / sort-threshold values")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--plain-decode", action="store_true", help="decode uncompiled everywhere")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    engines, model = engines_for(args)
+    setup = bench.describe_model(Path(args.model), model)
+    setup.update(
+        variant=args.variant,
+        compiled_decode=not args.plain_decode,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        batch=args.batch,
+        runs=args.runs,
+    )
+    ids = bench.random_prompt(model.config.vocab_size, args.batch, args.prompt_tokens)
+    report = bench.compare(
+        engines,
+        ids,
+        args.gen_tokens,
+        args.runs,
+        setup=setup,
+        baseline=engines[0].name,
+        progress=None if args.json else lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else bench.format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
