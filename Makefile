@@ -20,8 +20,9 @@ format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench:  ## benchmarks (not tests); see README "Performance"
-	$(BIN)/python scripts/bench_convert.py --help
+bench:  ## gptoss-mlx bench on MODEL=converted-folder [SRC=hf-folder to compare with mlx-lm]
+	@test -n "$(MODEL)" || { echo "usage: make bench MODEL=converted-folder [SRC=hf-layout-folder]  (see docs/PERFORMANCE.md)"; exit 2; }
+	$(BIN)/gptoss-mlx bench -m $(MODEL) $(if $(SRC),--compare-mlx-lm $(SRC),)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
