@@ -2,8 +2,9 @@
 
 One *run* = a fresh cache, the prompt prefilled (time to first token: prefill plus sampling the
 first token), then `gen_tokens` decode steps pipelined with `mx.async_eval` as the generation engine
-runs them, then a short probe of `HOST_PROBE_STEPS` synchronous steps in which the time Python spends
-building a step's graph (model call + sampler, nothing evaluated) is timed apart from evaluating it.
+runs them, then a short probe of `HOST_PROBE_STEPS` synchronous steps in which the time Python
+spends building a step's graph (model call + sampler, nothing evaluated) is timed apart from
+evaluating it.
 
 Several engines (ours, mlx-lm's gpt_oss, or variants of ours) are measured in alternation, run after
 run, so that drift in a shared machine's load hits them alike; ratios against a baseline engine are
@@ -130,10 +131,11 @@ def ours_engine(
     context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Engine:
     """Our model through the generation engine's own prefill and decoder; by default with the
-    engine's settings (generate.PREFILL_CHUNK, generate.COMPILE_DECODE), read at each run."""
+    engine's settings (generate.default_prefill_chunk(), generate.COMPILE_DECODE), read at each
+    run."""
 
     def prefill(ids: mx.array, cache: list[Any]) -> mx.array:
-        return generate.prefill_ids(model, ids, cache, prefill_chunk or generate.PREFILL_CHUNK)
+        return generate.prefill_ids(model, ids, cache, prefill_chunk)
 
     def start(cache: list[Any]) -> Any:
         on = generate.COMPILE_DECODE if compiled is None else compiled
@@ -193,7 +195,7 @@ def load_mlx_lm(src: str | Path) -> Any:
 
 
 def random_prompt(vocab_size: int, batch: int, length: int, seed: int = 0) -> mx.array:
-    """Random ordinary-token ids [batch, length] (below the special tokens when the vocab has them)."""
+    """Random ordinary ids [batch, length] (below the special tokens, if the vocab has them)."""
     high = min(vocab_size, 199998)
     rng = np.random.default_rng(seed)
     return mx.array(rng.integers(0, high, size=(batch, length)), dtype=mx.uint32)
@@ -324,7 +326,7 @@ def describe_model(folder: Path, model: Any) -> dict[str, Any]:
         "device": str(mx.default_device()),
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
-        "prefill_chunk": generate.PREFILL_CHUNK,
+        "prefill_chunk": generate.default_prefill_chunk(),
         "compiled_decode": generate.COMPILE_DECODE,
     }
 

@@ -17,12 +17,15 @@ from mlx_lm.sample_utils import make_sampler
 from .compiled_decode import start_decoder
 from .errors import GptOssError, UsageError
 
-# Prompt tokens per forward pass during prefill. Larger chunks amortise weight reads across more
-# tokens (the sorted expert gather reads each expert once per chunk); smaller ones bound the
-# attention scores' memory. Tuned with `gptoss-mlx bench`.
+# Prompt tokens per forward pass during prefill. On a GPU larger chunks amortise weight reads
+# across more tokens (the sorted expert gather reads each expert once per chunk); smaller ones bound
+# the attention scores' memory. MLX's CPU kernels compute token by token, so there only the size of
+# the intermediates counts: 64 measured fastest (docs/PERFORMANCE.md). Tuned with
+# `scripts/bench_variants.py prefill-chunk`.
 PREFILL_CHUNK = 512
-# Decode steps replay one compiled graph over fixed-shape caches (compiled_decode.py): half the
-# host time per step; see docs/PERFORMANCE.md for the measurements behind this default.
+CPU_PREFILL_CHUNK = 64
+# Decode steps replay one compiled graph over fixed-shape caches (compiled_decode.py): about 0.6x
+# the host time per step; see docs/PERFORMANCE.md for the measurements behind this default.
 COMPILE_DECODE = True
 
 
@@ -93,8 +96,13 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+def default_prefill_chunk() -> int:
+    """Prompt tokens per forward pass on this machine's default device."""
+    return CPU_PREFILL_CHUNK if mx.default_device() == mx.cpu else PREFILL_CHUNK
+
+
 def prefill(
-    model: Any, tokens: Sequence[int], cache: list[Any], chunk: int = PREFILL_CHUNK
+    model: Any, tokens: Sequence[int], cache: list[Any], chunk: int | None = None
 ) -> mx.array:
     """Run `tokens` through the model into `cache`; return the logits of the last one [vocab].
 
@@ -114,10 +122,11 @@ def prefill(
     return prefill_ids(model, mx.array(list(tokens), dtype=mx.uint32)[None], cache, chunk)[0]
 
 
-def prefill_ids(
-    model: Any, ids: mx.array, cache: list[Any], chunk: int = PREFILL_CHUNK
-) -> mx.array:
-    """`prefill` for an id array [batch, T] of equal-length rows; returns logits [batch, vocab]."""
+def prefill_ids(model: Any, ids: mx.array, cache: list[Any], chunk: int | None = None) -> mx.array:
+    """`prefill` for an id array [batch, T] of equal-length rows; returns logits [batch, vocab].
+
+    `chunk`: prompt tokens per forward pass (default: `default_prefill_chunk()`)."""
+    chunk = chunk or default_prefill_chunk()
     T = ids.shape[1]
     start = 0
     while T - start > chunk:

@@ -3,7 +3,7 @@
 
     python scripts/bench_variants.py -m DIR compile                # compiled vs plain decode step
     python scripts/bench_variants.py -m DIR dtype                  # float32 vs bfloat16 activations
-    python scripts/bench_variants.py -m DIR fused                  # fused q/k/v and gate/up (experiment)
+    python scripts/bench_variants.py -m DIR fused                  # fused q/k/v and gate/up
     python scripts/bench_variants.py -m DIR prefill-chunk 128 256 512
     python scripts/bench_variants.py -m DIR sort-threshold 64 1000000000
 

@@ -1,5 +1,5 @@
-"""The compiled decode step gives the logits of the plain one, across the sliding window's wrap and
-the full buffers' growth, and hands back mlx-lm caches that continue exactly as if never compiled."""
+"""The compiled decode step gives the logits of the plain one, across the sliding window's wrap
+and the full buffers' growth, and hands back mlx-lm caches that continue as if never compiled."""
 
 from __future__ import annotations
 
