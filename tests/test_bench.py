@@ -82,7 +82,7 @@ def test_compare_refuses_a_different_model(folders, tmp_path):
 
 def test_ratios_are_medians_over_run_pairs():
     def r(x: float) -> bench.RunResult:
-        return bench.RunResult(x, x, x, x, x, int(x))
+        return bench.RunResult(x, x, x, x, x, int(x), x)
 
     rep = bench.BenchReport(setup={}, baseline=bench.MLX_LM)
     rep.runs = {bench.OURS: [r(2), r(9), r(3)], bench.MLX_LM: [r(1), r(3), r(1)]}
