@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten
 from . import generate
 from .compiled_decode import PlainDecoder, start_decoder
 from .errors import CheckpointError, UsageError
+from .sharding import threads_of
 
 # Synchronous decode steps per run whose graph building is timed apart from evaluation.
 HOST_PROBE_STEPS = 8
@@ -329,6 +330,7 @@ def describe_model(folder: Path, model: Any) -> dict[str, Any]:
         "stored_dtype": ours.get("dtype"),
         "activation_dtype": str(model.dtype).removeprefix("mlx.core."),
         "device": str(mx.default_device()),
+        "cpu_threads": threads_of(model),
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "prefill_chunk": generate.default_prefill_chunk(),
@@ -393,13 +395,18 @@ ROWS = [
 ]
 
 
+def _threads_note(setup: dict[str, Any]) -> str:
+    n = setup.get("cpu_threads") or 1
+    return f" ({n} CPU threads per matmul)" if n > 1 else ""
+
+
 def format_report(report: BenchReport) -> str:
     """A plain-text table: the median of each engine's runs and each ratio to the baseline."""
     s = report.setup
     lines = [
         f"model: {s.get('model')} ({s.get('layers')} layers, hidden {s.get('hidden_size')}, "
         f"vocab {s.get('vocab_size')}, recipe {s.get('recipe')}, activations "
-        f"{s.get('activation_dtype')}, {s.get('device')}, mlx {s.get('mlx')})",
+        f"{s.get('activation_dtype')}, {s.get('device')}{_threads_note(s)}, mlx {s.get('mlx')})",
         f"prompt {s.get('prompt_tokens')} tokens x batch {s.get('batch')}, "
         f"{s.get('gen_tokens')} decode steps, {s.get('runs')} runs (median)",
     ]

@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model import GptOss
 from .safetensors_header import Header, read_header
+from .sharding import default_threads, shard_model
 from .weights_layout import check_weights, expected_weights
 
 MANIFEST = "manifest.json"
@@ -197,14 +198,20 @@ def _check_index(folder: Path, headers: dict[str, Header]) -> None:
         )
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> GptOss:
+def load_model(
+    path: str | Path, dtype: mx.Dtype | None = None, threads: int | None = None
+) -> GptOss:
     """Load the model of a converted folder. Every shard's header is validated against
     config.json first (inspect_folder); then weights are mapped lazily from the shards that the
-    manifest lists; nothing else in the folder is read."""
-    return _load_checked(inspect_folder(path), dtype)
+    manifest lists; nothing else in the folder is read.
+
+    On MLX's CPU backend the large matmuls are split across `threads` CPU streams (default:
+    sharding.default_threads(), i.e. $GPTOSS_MLX_THREADS or the usable cores); 1 splits nothing.
+    """
+    return _load_checked(inspect_folder(path), dtype, threads)
 
 
-def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None) -> GptOss:
+def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None, threads: int | None) -> GptOss:
     weights: dict[str, mx.array] = {}
     for name in folder.headers:
         path = folder.path / name
@@ -226,22 +233,31 @@ def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None) -> GptOss:
         raise CheckpointError(f"{folder.path}: weights do not match config.json ({e})") from None
     mx.eval(model.parameters())
     model.eval()
+    if mx.default_device() == mx.cpu:
+        shard_model(model, default_threads() if threads is None else threads)
     return model
 
 
-def load(path: str | Path, dtype: mx.Dtype | None = None) -> tuple[GptOss, Any]:
+def load(
+    path: str | Path, dtype: mx.Dtype | None = None, threads: int | None = None
+) -> tuple[GptOss, Any]:
     """Load a converted folder: `model, tokenizer = gptoss_mlx.load(path)`.
 
-    `dtype` is the activation dtype (default: float32 on MLX's CPU backend, bfloat16 on a GPU).
+    `dtype` is the activation dtype (default: float32 on MLX's CPU backend, bfloat16 on a GPU);
+    `threads` as in load_model.
     """
     from .tokenizer import load_tokenizer
 
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, threads)
     return model, load_tokenizer(Path(path).expanduser())
 
 
 def load_for_inference(
-    path: str | Path, max_context: int | None = None, batch: int = 1, dtype: mx.Dtype | None = None
+    path: str | Path,
+    max_context: int | None = None,
+    batch: int = 1,
+    dtype: mx.Dtype | None = None,
+    threads: int | None = None,
 ) -> tuple[GptOss, Any, int]:
     """Preflight memory, then load: returns (model, tokenizer, context limit to enforce).
 
@@ -258,5 +274,5 @@ def load_for_inference(
     plan = plan_memory(checked.path, cfg, dtype)
     context = choose_max_context(plan, max_context, cfg.max_position_embeddings, batch)
     set_wired_limit()
-    model = _load_checked(checked, dtype)
+    model = _load_checked(checked, dtype, threads)
     return model, load_tokenizer(checked.path), context

@@ -27,7 +27,11 @@ class MXFP4ExpertLinear(nn.Module):
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_indices: bool) -> mx.array:
         # x: (..., 1, in), experts: (...) -> (..., 1, out)
-        y = mx.gather_qmm(
+        y = self.matmul(x, experts, sorted_indices)
+        return add_expert_bias(y, self.bias, experts) if "bias" in self else y
+
+    def matmul(self, x: mx.array, experts: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_qmm(
             x,
             self.weight,
             self.scales,
@@ -39,7 +43,11 @@ class MXFP4ExpertLinear(nn.Module):
             mode="mxfp4",
             sorted_indices=sorted_indices,
         )
-        return y + mx.expand_dims(self.bias[experts], -2)
+
+
+def add_expert_bias(y: mx.array, bias: mx.array, experts: mx.array, *_: object) -> mx.array:
+    """y (..., 1, out) plus each routed expert's bias row (bias: (E, out), experts: (...))."""
+    return y + mx.expand_dims(bias[experts], -2)
 
 
 def swiglu(gate: mx.array, up: mx.array, limit: float, alpha: float = 1.702) -> mx.array:

@@ -54,6 +54,9 @@ class YarnRoPE(nn.Module):
         self.dims = cfg.head_dim
         # mx.fast.rope takes wavelengths-per-radian ("freqs"), i.e. 1 / inverse frequency.
         self._periods = 1.0 / inv_freq
+        # Evaluate now: a lazy array here would be recomputed inside every traced decode step
+        # (it is not a parameter, so loading never evaluates it).
+        mx.eval(self._periods)
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         return mx.fast.rope(

@@ -6,6 +6,7 @@
     python scripts/bench_variants.py -m DIR fused                  # fused q/k/v and gate/up
     python scripts/bench_variants.py -m DIR prefill-chunk 128 256 512
     python scripts/bench_variants.py -m DIR sort-threshold 64 1000000000
+    python scripts/bench_variants.py -m DIR threads 1 2            # matmuls split across CPU streams
 
 Each variant is a separate engine; engines run in alternation (A, B, A, B, ...) on the same random
 prompt so that a shared machine's drift hits them alike, and the table gives each variant's ratio
@@ -140,9 +141,15 @@ def engines_for(args) -> tuple[list[bench.Engine], nn.Module]:
             bench.ours_engine(plain, "separate", compiled=compiled),
             bench.ours_engine(fused, "fused", compiled=compiled),
         ], plain
-    model = load_model(args.model)
     if not args.values:
         sys.exit(f"{args.variant}: give the values to compare")
+    if args.variant == "threads":
+        models = [load_model(args.model, threads=v) for v in args.values]
+        return [
+            bench.ours_engine(m, f"threads={v}", compiled=compiled)
+            for m, v in zip(models, args.values, strict=True)
+        ], models[0]
+    model = load_model(args.model)
     if args.variant == "prefill-chunk":
         return [
             bench.ours_engine(model, f"chunk={v}", prefill_chunk=v, compiled=compiled)
@@ -160,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("-m", "--model", required=True, help="a converted model folder")
     ap.add_argument(
-        "variant", choices=["compile", "dtype", "fused", "prefill-chunk", "sort-threshold"]
+        "variant",
+        choices=["compile", "dtype", "fused", "prefill-chunk", "sort-threshold", "threads"],
     )
-    ap.add_argument("values", nargs="*", type=int, help="prefill-chunk / sort-threshold values")
+    ap.add_argument(
+        "values", nargs="*", type=int, help="prefill-chunk / sort-threshold / threads values"
+    )
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)

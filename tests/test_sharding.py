@@ -1,0 +1,135 @@
+"""Row-sharded matmuls on MLX's CPU backend: a model whose layers are split across CPU streams
+computes exactly what the unsplit model computes (prefill, compiled decode, batched decode), with
+the same weights in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from conftest import make_tiny_config
+from gptoss_mlx import generate, sharding
+from gptoss_mlx.batching import BatchEngine, BatchRequest
+from gptoss_mlx.compiled_decode import CompiledDecoder
+from gptoss_mlx.errors import UsageError
+from gptoss_mlx.loading import load_model
+from gptoss_mlx.sharding import RowShards
+
+GREEDY = generate.SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A converted random model with the default recipe (MXFP4 experts, 8-bit affine rest)."""
+    from gptoss_mlx.convert.convert import convert
+    from gptoss_mlx.convert.synthetic import write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("shard")
+    cfg = make_tiny_config(num_hidden_layers=4, intermediate_size=96)
+    out = root / "mlx"
+    convert(write_hf_checkpoint(root / "hf", cfg, seed=1), out, progress=False)
+    return out
+
+
+def _shards(model) -> dict[str, int]:
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, RowShards):
+            found[name] = len(m.parts)
+    return found
+
+
+@pytest.fixture(scope="module")
+def models(folder):
+    """Unsplit, and split in 2 and 3 (uneven) shards with every target layer small enough."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sharding, "MIN_ROWS_PER_SHARD", 8)
+    try:
+        out = {t: load_model(folder, threads=t) for t in (1, 2, 3)}
+    finally:
+        mp.undo()
+    return out
+
+
+def test_every_large_layer_is_split(models):
+    assert _shards(models[1]) == {}
+    for t in (2, 3):
+        found = _shards(models[t])
+        per_layer = ["self_attn.q_proj", "self_attn.o_proj"] + [
+            f"mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+        ]
+        want = {"lm_head": t} | {f"model.layers.{i}.{p}": t for i in range(4) for p in per_layer}
+        assert found == want
+
+
+def test_split_model_holds_the_same_weights(models):
+    def nbytes(m):
+        return sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+
+    assert nbytes(models[2]) == nbytes(models[3]) == nbytes(models[1])
+
+
+def _ids(n: int, batch: int, seed: int) -> mx.array:
+    return mx.random.randint(0, 1024, (batch, n), key=mx.random.key(seed)).astype(mx.uint32)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_prefill_and_compiled_decode_are_bit_identical(models, threads):
+    # 70 prompt tokens in chunks of 35: the experts' sorted gather (>= 64 pairs) runs too.
+    prompt, feed = _ids(70, 2, 1), _ids(12, 2, 2)
+    outs = {}
+    for t in (1, threads):
+        m = models[t]
+        cache = m.make_cache()
+        first = generate.prefill_ids(m, prompt, cache, chunk=35)
+        dec = CompiledDecoder.start(m, cache)
+        steps = [dec.step(feed[:, i]) for i in range(feed.shape[1])]
+        dec.finish()
+        outs[t] = [first, *steps]
+        mx.eval(outs[t])
+    for i, (a, b) in enumerate(zip(outs[1], outs[threads], strict=True)):
+        assert mx.array_equal(a, b).item(), f"position {i}"
+
+
+def test_generation_and_batching_give_the_same_tokens(models):
+    prompts = [_ids(n, 1, 10 + n)[0].tolist() for n in (5, 17, 9)]
+    runs = {}
+    for t in (1, 2):
+        m = models[t]
+        single = [
+            list(generate.generate_tokens(m, p, max_tokens=10, sampling=GREEDY)) for p in prompts
+        ]
+        engine = BatchEngine(m, batch_size=2, stop_ids=())
+        batched = {
+            r.id: r.tokens
+            for r in engine.run(
+                BatchRequest(p, 10, GREEDY, id=str(i)) for i, p in enumerate(prompts)
+            )
+        }
+        runs[t] = (single, [batched[str(i)] for i in range(len(prompts))])
+    assert runs[2] == runs[1]
+    assert all(len(s) == 10 for s in runs[1][0])
+
+
+def test_small_layers_stay_whole(folder):
+    # With the default 512 rows per shard only the 1024-row vocabulary projection is worth it.
+    m = load_model(folder, threads=2)
+    assert _shards(m) == {"lm_head": 2}
+
+
+def test_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv(sharding.THREADS_ENV, "3")
+    assert sharding.default_threads() == 3
+    for bad in ("0", "-2", "many", ""):
+        monkeypatch.setenv(sharding.THREADS_ENV, bad)
+        with pytest.raises(UsageError, match=sharding.THREADS_ENV):
+            sharding.default_threads()
+    monkeypatch.delenv(sharding.THREADS_ENV)
+    n = sharding.default_threads()
+    if mx.default_device() == mx.cpu:
+        assert 1 <= n <= sharding.MAX_THREADS
+    else:
+        assert n == 1
