@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .rope import YarnRoPE
+from .rope import YarnRoPE, rotate
 
 
 class Attention(nn.Module):
@@ -35,14 +35,24 @@ class Attention(nn.Module):
         # YaRN's concentration, folded in from q and k (see YarnRoPE).
         self.scale = self.rope.concentration**2 / math.sqrt(d)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any = None,
+        rotation: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        """`rotation`: this pass's `YarnRoPE.rotation`, computed once for all layers (MLX's CPU
+        backend); None rotates with `mx.fast.rope` (one kernel on a GPU)."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).swapaxes(1, 2)  # (B, nh, L, d)
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1).swapaxes(1, 2)  # (B, nkv, L, d)
         v = self.v_proj(x).reshape(B, L, self.n_kv, -1).swapaxes(1, 2)  # (B, nkv, L, d)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset)
-        k = self.rope(k, offset)
+        if rotation is not None:
+            q, k = rotate(q, rotation), rotate(k, rotation)
+        else:
+            offset = cache.offset if cache is not None else 0
+            q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(

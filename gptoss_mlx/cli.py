@@ -588,11 +588,14 @@ def info(model: str | None, batch: int) -> None:
     """
     from pathlib import Path
 
+    import mlx.core as mx
+
     from gptoss_mlx.convert.resolve import DEFAULT_MODEL, cache_path, is_converted
 
     from .errors import UsageError
     from .loading import default_dtype, inspect_folder
     from .memory import describe, plan_memory
+    from .sharding import THREADS_ENV, default_threads
 
     spec = model or DEFAULT_MODEL
     folder = Path(spec).expanduser()
@@ -620,8 +623,12 @@ def info(model: str | None, batch: int) -> None:
         f"model:      {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
         f"(top {cfg.num_experts_per_tok}), {cfg.max_position_embeddings} positions"
     )
+    threads = ""
+    if mx.default_device() == mx.cpu:
+        threads = f"; matmuls split across {default_threads()} CPU threads ({THREADS_ENV})"
     click.echo(
-        f"device:     {plan.budget / 1e9:.1f} GB usable ({plan.budget_source}); activations in {str(dtype).rsplit('.', 1)[-1]}"
+        f"device:     {plan.budget / 1e9:.1f} GB usable ({plan.budget_source}); activations in "
+        f"{str(dtype).rsplit('.', 1)[-1]}{threads}"
     )
     click.echo("memory needed:")
     for ctx in (1024, 8192, 32768, 131072):

@@ -233,6 +233,7 @@ def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None, threads: int 
         raise CheckpointError(f"{folder.path}: weights do not match config.json ({e})") from None
     mx.eval(model.parameters())
     model.eval()
+    del weights  # sharding copies expert weights layer by layer: let each original go in turn
     if mx.default_device() == mx.cpu:
         shard_model(model, default_threads() if threads is None else threads)
     return model

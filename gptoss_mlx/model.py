@@ -23,8 +23,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MoE(cfg)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask: Any, cache: Any = None, rotation: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, rotation)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -73,8 +73,13 @@ class GptOss(nn.Module):
         for t, i in self._first.items():
             window = self.config.sliding_window if t == SLIDING else None
             masks[t] = create_attention_mask(x, caches[i], window_size=window)
+        rotation = None
+        if mx.default_device() == mx.cpu:
+            # One rotation for every layer (see YarnRoPE.rotation); every cache is at one offset.
+            offset = caches[0].offset if caches and caches[0] is not None else 0
+            rotation = self.layers[0].self_attn.rope.rotation(offset, x.shape[1])
         for layer, c, t in zip(self.layers, caches, self.layer_types, strict=True):
-            x = layer(x, masks[t], c)
+            x = layer(x, masks[t], c, rotation)
         return self.model.norm(x)
 
     def __call__(

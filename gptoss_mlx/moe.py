@@ -6,6 +6,8 @@ Shape legend: N tokens (any leading dims), H hidden, I expert width, E experts, 
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -25,17 +27,18 @@ class MXFP4ExpertLinear(nn.Module):
         self.scales = mx.zeros((num_experts, output_dims, input_dims // 32), dtype=mx.uint8)
         self.bias = mx.zeros((num_experts, output_dims))
 
-    def __call__(self, x: mx.array, experts: mx.array, sorted_indices: bool) -> mx.array:
-        # x: (..., 1, in), experts: (...) -> (..., 1, out)
-        y = self.matmul(x, experts, sorted_indices)
-        return add_expert_bias(y, self.bias, experts) if "bias" in self else y
-
-    def matmul(self, x: mx.array, experts: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_qmm(
+    def __call__(
+        self, x: mx.array, rows: mx.array | None, experts: mx.array, sorted_indices: bool
+    ) -> mx.array:
+        """x (M, 1, in): rows of input; `rows` and `experts` (same shape S): the row of x and the
+        expert of each token-expert pair (rows None: x holds one row per pair, in order).
+        Returns (S..., 1, out)."""
+        y = mx.gather_qmm(
             x,
             self.weight,
             self.scales,
             None,
+            lhs_indices=rows,
             rhs_indices=experts,
             transpose=True,
             group_size=32,
@@ -43,11 +46,25 @@ class MXFP4ExpertLinear(nn.Module):
             mode="mxfp4",
             sorted_indices=sorted_indices,
         )
+        return add_expert_bias(y, self.bias, rows, experts) if "bias" in self else y
 
 
-def add_expert_bias(y: mx.array, bias: mx.array, experts: mx.array, *_: object) -> mx.array:
-    """y (..., 1, out) plus each routed expert's bias row (bias: (E, out), experts: (...))."""
+def add_expert_bias(y: mx.array, bias: mx.array, rows: object, experts: mx.array, *_) -> mx.array:
+    """y (S..., 1, out) plus each pair's expert bias row (bias: (E, out), experts: (S...))."""
     return y + mx.expand_dims(bias[experts], -2)
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_index(n: int, k: int, of_token: bool) -> mx.array:
+    """Constant (n, k) uint32 indices: the token of each pair (of_token) or the pair itself.
+
+    Passed to gather_qmm as lhs_indices; left out, MLX would build them (an arange, a reshape,
+    broadcasts) inside every call, and a traced decode step replays every such op each token.
+    """
+    pairs = mx.arange(n * k, dtype=mx.uint32).reshape(n, k)
+    out = pairs // k if of_token else pairs
+    mx.eval(out)
+    return out
 
 
 def swiglu(gate: mx.array, up: mx.array, limit: float, alpha: float = 1.702) -> mx.array:
@@ -70,23 +87,24 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
         # x: (N..., H), experts: (N..., K) -> (N..., K, H)
-        lead, K = experts.shape[:-1], experts.shape[-1]
-        do_sort = experts.size >= SORT_THRESHOLD
-        if do_sort:
+        lead, K, H = experts.shape[:-1], experts.shape[-1], x.shape[-1]
+        if experts.size >= SORT_THRESHOLD:
             flat = experts.flatten()  # (N*K,)
             order = mx.argsort(flat)
             idx = flat[order]
-            xs = x.reshape(-1, 1, x.shape[-1])[order // K]  # (N*K, 1, H) grouped by expert
-        else:
-            idx = experts
-            xs = mx.expand_dims(x, (-2, -3))  # (N..., 1, 1, H): broadcast over the K experts
-        h = swiglu(self.gate_proj(xs, idx, do_sort), self.up_proj(xs, idx, do_sort), self.limit)
-        y = self.down_proj(h, idx, do_sort)  # (..., 1, H)
-        if do_sort:
-            y = y[mx.argsort(order)].reshape(*lead, K, -1)
-        else:
-            y = y.squeeze(-2)
-        return y
+            # One row per pair, grouped by expert: the layout MLX's sorted kernels expect.
+            xs = x.reshape(-1, 1, H)[order // K]  # (N*K, 1, H)
+            gate, up = self.gate_proj(xs, None, idx, True), self.up_proj(xs, None, idx, True)
+            y = self.down_proj(swiglu(gate, up, self.limit), None, idx, True)  # (N*K, 1, H)
+            return y[mx.argsort(order)].reshape(*lead, K, H)
+        N = experts.size // K
+        idx = experts.reshape(N, K)
+        xs = x.reshape(N, 1, H)
+        tokens = _pair_index(N, K, of_token=True)
+        gate, up = self.gate_proj(xs, tokens, idx, False), self.up_proj(xs, tokens, idx, False)
+        h = swiglu(gate, up, self.limit)  # (N, K, 1, W)
+        y = self.down_proj(h, _pair_index(N, K, of_token=False), idx, False)  # (N, K, 1, H)
+        return y.reshape(*lead, K, H)
 
 
 class MoE(nn.Module):

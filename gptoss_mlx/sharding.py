@@ -69,33 +69,44 @@ def _add_bias(y: mx.array, bias: mx.array, *_: object) -> mx.array:
 
 
 class RowShards(nn.Module):
-    """A layer computed as `parts` side by side, each part on its own CPU stream, outputs
-    concatenated along the last axis, then the layer's bias added once. Each part is the original
-    layer without its bias, holding a slice of the output rows, called with the original
-    arguments. (Every op added here is replayed each decode step, hence one bias add, not n.)"""
+    """A layer computed as `parts` side by side, part i on CPU stream `first_stream + i`,
+    outputs concatenated along the last axis, then the layer's bias added once. Each part is the
+    original layer without its bias, holding a slice of the output rows, called with the original
+    arguments; a single part is the whole layer, bias included, moved to its stream. (Every op
+    added here is replayed each decode step, hence one bias add, not n.)"""
 
-    def __init__(self, parts: list[nn.Module], bias: mx.array | None, add_bias: Any = _add_bias):
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        bias: mx.array | None = None,
+        add_bias: Any = _add_bias,
+        first_stream: int = 0,
+    ):
         super().__init__()
         self.parts = parts
         if bias is not None:
             self.bias = bias
         self._add_bias = add_bias
+        self._first = first_stream
 
     def __call__(self, x: mx.array, *args: Any) -> mx.array:
         outs = []
         for i, part in enumerate(self.parts):
-            s = _stream(i)
+            s = _stream(self._first + i)
             if s is None:
                 outs.append(part(x, *args))
             else:
                 with mx.stream(s):
                     outs.append(part(x, *args))
-        y = mx.concatenate(outs, axis=-1)
+        y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
         return self._add_bias(y, self.bias, *args) if "bias" in self else y
 
 
-def split_rows(layer: nn.Module, n: int) -> RowShards:
-    """`layer` (Linear, QuantizedLinear or MXFP4ExpertLinear) as n shards of its output rows."""
+def split_rows(layer: nn.Module, n: int, first_stream: int = 0) -> RowShards:
+    """`layer` (Linear, QuantizedLinear or MXFP4ExpertLinear) as n shards of its output rows, on
+    CPU streams first_stream .. first_stream+n-1 (n = 1: the layer as it is, on that stream)."""
+    if n == 1:
+        return RowShards([layer], first_stream=first_stream)
     params = dict(layer.parameters())
     bias = params.pop("bias", None)
     rows = params["weight"].shape[-2]
@@ -106,37 +117,43 @@ def split_rows(layer: nn.Module, n: int) -> RowShards:
         if bias is not None:
             part.pop("bias")
         for name, a in params.items():
-            index = (slice(None),) * (a.ndim - 2) + (slice(lo, hi),)  # [..., out, in]
-            # Row slices of a [out, in] matrix share its memory; expert slices are copied.
-            part[name] = mx.contiguous(a[index])
+            if a.ndim == 2:  # [out, in]: a row slice is a view of the same memory
+                part[name] = a[lo:hi]
+            else:  # experts [E, out, in]: a strided slice, copied to be contiguous for the kernel
+                part[name] = mx.contiguous(a[:, lo:hi])
         parts.append(part)
     add = add_expert_bias if isinstance(layer, MXFP4ExpertLinear) else _add_bias
-    return RowShards(parts, bias, add)
+    return RowShards(parts, bias, add, first_stream)
 
 
 def threads_of(model: Any) -> int:
-    """The most CPU streams any of the model's layers is split across (1: none split)."""
+    """How many CPU streams the model's matmuls are spread over (1: none)."""
     return max(
-        (len(m.parts) for _, m in model.named_modules() if isinstance(m, RowShards)), default=1
+        (m._first + len(m.parts) for _, m in model.named_modules() if isinstance(m, RowShards)),
+        default=1,
     )
 
 
 def shard_model(model: Any, threads: int) -> int:
-    """Split the model's large matmuls (vocabulary projection, q and o projections, expert
-    gate/up/down) across `threads` CPU streams, in place. Returns how many layers were split."""
+    """Spread the model's large matmuls over `threads` CPU streams, in place: the vocabulary
+    projection, q and o projections and expert down projection split by rows across all of them;
+    the expert gate and up projections, which are independent, each on half of the streams (no
+    split at all with 2: gate on one, up on the other). Returns how many layers were spread."""
     if threads <= 1:
         return 0
-    targets: list[tuple[nn.Module, str]] = [(model, "lm_head")]
+    half = threads // 2
+    plan: list[tuple[nn.Module, str, int, int]] = [(model, "lm_head", threads, 0)]
     for block in model.layers:
-        targets += [(block.self_attn, "q_proj"), (block.self_attn, "o_proj")]
-        experts = block.mlp.experts
-        targets += [(experts, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        attn, experts = block.self_attn, block.mlp.experts
+        plan += [(attn, "q_proj", threads, 0), (attn, "o_proj", threads, 0)]
+        plan += [(experts, "gate_proj", half, 0), (experts, "up_proj", half, half)]
+        plan += [(experts, "down_proj", threads, 0)]
     count = 0
-    for owner, name in targets:
+    for owner, name, n, first in plan:
         layer = owner[name]
-        n = min(threads, layer.weight.shape[-2] // MIN_ROWS_PER_SHARD)
-        if n > 1:
-            owner[name] = split_rows(layer, n)
+        n = min(n, layer.weight.shape[-2] // MIN_ROWS_PER_SHARD)  # 0: too small to move
+        if n > 1 or (n == 1 and first > 0):
+            owner[name] = split_rows(layer, n, first)
             mx.eval(owner[name].parameters())  # copy this layer now, so the original can go
             count += 1
     return count

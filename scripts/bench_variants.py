@@ -29,6 +29,7 @@ import gptoss_mlx.moe as moe
 from gptoss_mlx import bench, load_model
 from gptoss_mlx.attention import Attention
 from gptoss_mlx.moe import Experts, MXFP4ExpertLinear, swiglu
+from gptoss_mlx.rope import rotate
 
 # --- the fused-projection experiment (not in the library: it did not pay off, see PERFORMANCE.md)
 
@@ -36,15 +37,18 @@ from gptoss_mlx.moe import Experts, MXFP4ExpertLinear, swiglu
 class FusedAttention(Attention):
     """Attention with q, k and v computed by one projection of the concatenated weights."""
 
-    def __call__(self, x, mask, cache=None):
+    def __call__(self, x, mask, cache=None, rotation=None):
         B, L, _ = x.shape
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q, k, v = mx.split(self.qkv_proj(x), [nq, nq + nk], axis=-1)
         q = q.reshape(B, L, self.n_heads, -1).swapaxes(1, 2)
         k = k.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)
         v = v.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        if rotation is not None:
+            q, k = rotate(q, rotation), rotate(k, rotation)
+        else:
+            offset = cache.offset if cache is not None else 0
+            q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(
@@ -57,21 +61,21 @@ class FusedExperts(Experts):
     """Experts whose gate and up projections are one gather of the stacked [E, 2W, H] weights."""
 
     def __call__(self, x, experts):
-        lead, K = experts.shape[:-1], experts.shape[-1]
-        do_sort = experts.size >= moe.SORT_THRESHOLD
-        if do_sort:
+        lead, K, H = experts.shape[:-1], experts.shape[-1], x.shape[-1]
+        if experts.size >= moe.SORT_THRESHOLD:
             flat = experts.flatten()
             order = mx.argsort(flat)
             idx = flat[order]
-            xs = x.reshape(-1, 1, x.shape[-1])[order // K]
-        else:
-            idx = experts
-            xs = mx.expand_dims(x, (-2, -3))
-        gate, up = mx.split(self.gate_up_proj(xs, idx, do_sort), 2, axis=-1)
-        y = self.down_proj(swiglu(gate, up, self.limit), idx, do_sort)
-        if do_sort:
-            return y[mx.argsort(order)].reshape(*lead, K, -1)
-        return y.squeeze(-2)
+            xs = x.reshape(-1, 1, H)[order // K]
+            gate, up = mx.split(self.gate_up_proj(xs, None, idx, True), 2, axis=-1)
+            y = self.down_proj(swiglu(gate, up, self.limit), None, idx, True)
+            return y[mx.argsort(order)].reshape(*lead, K, H)
+        N = experts.size // K
+        idx, xs = experts.reshape(N, K), x.reshape(N, 1, H)
+        tokens, pairs = moe._pair_index(N, K, True), moe._pair_index(N, K, False)
+        gate, up = mx.split(self.gate_up_proj(xs, tokens, idx, False), 2, axis=-1)
+        y = self.down_proj(swiglu(gate, up, self.limit), pairs, idx, False)
+        return y.reshape(*lead, K, H)
 
 
 def _concat_linear(parts: list[nn.Module]) -> nn.Module:

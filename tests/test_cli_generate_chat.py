@@ -184,6 +184,12 @@ def test_generate_missing_model_is_one_line_exit_2():
     assert "/nonexistent/model" in one_error_line(res, 2)
 
 
+def test_generate_bad_threads_variable_is_one_line_exit_2(folder, monkeypatch):
+    monkeypatch.setenv("GPTOSS_MLX_THREADS", "all")
+    res = cli("generate", "-m", folder, "-p", "Hi")
+    assert "GPTOSS_MLX_THREADS='all'" in one_error_line(res, 2)
+
+
 def test_generate_missing_model_in_a_process(tmp_path):
     rc, out, err = run_process(
         "generate", "-m", "/nonexistent/model", "-p", "Hi", env={"GPTOSS_MLX_HOME": str(tmp_path)}

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from conftest import make_tiny_config
-from gptoss_mlx import memory
+from gptoss_mlx import memory, sharding
 from gptoss_mlx.cli import main
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
@@ -93,5 +93,8 @@ def test_info_prints_memory_table(converted):
         "128k context",
     ):
         assert needle in r.output
+    if mx.default_device() == mx.cpu:
+        threads = sharding.default_threads()
+        assert f"matmuls split across {threads} CPU threads (GPTOSS_MLX_THREADS)" in r.output
     r = CliRunner().invoke(main, ["info", str(folder.parent / "nothing")])
     assert r.exit_code == 2 and "convert it first" in r.output

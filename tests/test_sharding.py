@@ -34,49 +34,55 @@ def folder(tmp_path_factory) -> Path:
     return out
 
 
-def _shards(model) -> dict[str, int]:
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, RowShards):
-            found[name] = len(m.parts)
-    return found
+def _spread(model) -> dict[str, tuple[int, int]]:
+    """{layer name: (first stream, number of shards)} of every spread layer."""
+    return {
+        name: (m._first, len(m.parts))
+        for name, m in model.named_modules()
+        if isinstance(m, RowShards)
+    }
 
 
 @pytest.fixture(scope="module")
 def models(folder):
-    """Unsplit, and split in 2 and 3 (uneven) shards with every target layer small enough."""
+    """Unsplit, and spread over 2, 3 (uneven) and 4 streams, every target layer large enough."""
     mp = pytest.MonkeyPatch()
     mp.setattr(sharding, "MIN_ROWS_PER_SHARD", 8)
     try:
-        out = {t: load_model(folder, threads=t) for t in (1, 2, 3)}
+        out = {t: load_model(folder, threads=t) for t in (1, 2, 3, 4)}
     finally:
         mp.undo()
     return out
 
 
-def test_every_large_layer_is_split(models):
-    assert _shards(models[1]) == {}
-    for t in (2, 3):
-        found = _shards(models[t])
-        per_layer = ["self_attn.q_proj", "self_attn.o_proj"] + [
-            f"mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")
-        ]
-        want = {"lm_head": t} | {f"model.layers.{i}.{p}": t for i in range(4) for p in per_layer}
-        assert found == want
+def test_every_large_layer_is_spread(models):
+    assert _spread(models[1]) == {}
+    for t in (2, 3, 4):
+        split = {"self_attn.q_proj", "self_attn.o_proj", "mlp.experts.down_proj"}
+        want = {"lm_head": (0, t)}
+        half = t // 2  # gate on the first half of the streams, up on the second
+        for i in range(4):
+            want |= {f"model.layers.{i}.{p}": (0, t) for p in split}
+            if half > 1:
+                want[f"model.layers.{i}.mlp.experts.gate_proj"] = (0, half)
+            want[f"model.layers.{i}.mlp.experts.up_proj"] = (half, half)
+        assert _spread(models[t]) == want
+        assert sharding.threads_of(models[t]) == t
+    assert sharding.threads_of(models[1]) == 1
 
 
 def test_split_model_holds_the_same_weights(models):
     def nbytes(m):
         return sum(v.nbytes for _, v in tree_flatten(m.parameters()))
 
-    assert nbytes(models[2]) == nbytes(models[3]) == nbytes(models[1])
+    assert nbytes(models[2]) == nbytes(models[3]) == nbytes(models[4]) == nbytes(models[1])
 
 
 def _ids(n: int, batch: int, seed: int) -> mx.array:
     return mx.random.randint(0, 1024, (batch, n), key=mx.random.key(seed)).astype(mx.uint32)
 
 
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("threads", [2, 3, 4])
 def test_prefill_and_compiled_decode_are_bit_identical(models, threads):
     # 70 prompt tokens in chunks of 35: the experts' sorted gather (>= 64 pairs) runs too.
     prompt, feed = _ids(70, 2, 1), _ids(12, 2, 2)
@@ -117,7 +123,7 @@ def test_generation_and_batching_give_the_same_tokens(models):
 def test_small_layers_stay_whole(folder):
     # With the default 512 rows per shard only the 1024-row vocabulary projection is worth it.
     m = load_model(folder, threads=2)
-    assert _shards(m) == {"lm_head": 2}
+    assert _spread(m) == {"lm_head": (0, 2)}
 
 
 def test_threads_from_the_environment(monkeypatch):
@@ -133,3 +139,21 @@ def test_threads_from_the_environment(monkeypatch):
         assert 1 <= n <= sharding.MAX_THREADS
     else:
         assert n == 1
+
+
+def test_splitting_at_load_holds_at_most_one_extra_expert_tensor(folder, monkeypatch):
+    # Expert shards are copies: the loader lets each original go before copying the next one,
+    # so loading a split model peaks at most one expert projection above loading a whole one.
+    def peak_of_load(threads: int) -> int:
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        load_model(folder, threads=threads)
+        return mx.get_peak_memory() - base
+
+    monkeypatch.setattr(sharding, "MIN_ROWS_PER_SHARD", 8)
+    cfg = make_tiny_config(num_hidden_layers=4, intermediate_size=96)
+    E, W, H = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+    one_projection = E * W * H // 2 + E * W * H // 32 + E * W * 4  # MXFP4 values, scales, bias
+    whole, split = peak_of_load(1), peak_of_load(2)
+    assert split <= whole + one_projection, (split, whole, one_projection)
