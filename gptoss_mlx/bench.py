@@ -33,8 +33,9 @@ from .compiled_decode import PlainDecoder, start_decoder
 from .errors import CheckpointError, UsageError
 from .sharding import threads_of
 
-# Synchronous decode steps per run whose graph building is timed apart from evaluation.
-HOST_PROBE_STEPS = 8
+# Synchronous decode steps per run whose graph building is timed apart from evaluation (16: the
+# host time is small and noisy on a shared machine; 8 left pairs of runs from 0.36x to 0.56x).
+HOST_PROBE_STEPS = 16
 # The warm-up run of each engine before measuring (first calls allocate buffers, build kernels).
 WARMUP_PROMPT, WARMUP_GEN = 16, 2
 # mlx-lm's generate_step default: prompt tokens per forward pass.

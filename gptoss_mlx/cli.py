@@ -692,10 +692,13 @@ def bench(
 
     The prompt is random token ids. With --compare-mlx-lm, mlx-lm's own model runs on the same
     source weights in this process, alternating with ours run by run, and the ratios are printed.
+    On MLX's CPU backend our matmuls are spread over GPTOSS_MLX_THREADS streams (default: one per
+    core); set it to 1 to measure a single core. docs/PERFORMANCE.md explains every figure.
 
     \b
     Example:
       gptoss-mlx bench -m ~/models/gpt-oss-20b-mlx --prompt-tokens 512 --gen-tokens 128
+      GPTOSS_MLX_THREADS=1 gptoss-mlx bench -m ~/models/gpt-oss-20b-mlx
     """
     import json
 

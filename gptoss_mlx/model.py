@@ -14,6 +14,12 @@ from .attention import Attention
 from .config import FULL, SLIDING, ModelConfig
 from .moe import MoE
 
+# Rotary embedding: True computes one rotation per forward pass, shared by every layer's q and k
+# (YarnRoPE.rotation); False calls mx.fast.rope in each layer. None (default): shared on MLX's
+# CPU backend, where mx.fast.rope expands into ~20 ops per call; mx.fast.rope on a GPU, where it is
+# one kernel.
+SHARED_ROTATION: bool | None = None
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -74,7 +80,8 @@ class GptOss(nn.Module):
             window = self.config.sliding_window if t == SLIDING else None
             masks[t] = create_attention_mask(x, caches[i], window_size=window)
         rotation = None
-        if mx.default_device() == mx.cpu:
+        shared = SHARED_ROTATION if SHARED_ROTATION is not None else mx.default_device() == mx.cpu
+        if shared:
             # One rotation for every layer (see YarnRoPE.rotation); every cache is at one offset.
             offset = caches[0].offset if caches and caches[0] is not None else 0
             rotation = self.layers[0].self_attn.rope.rotation(offset, x.shape[1])

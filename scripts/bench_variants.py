@@ -7,6 +7,7 @@
     python scripts/bench_variants.py -m DIR prefill-chunk 128 256 512
     python scripts/bench_variants.py -m DIR sort-threshold 64 1000000000
     python scripts/bench_variants.py -m DIR threads 1 2            # matmuls split across CPU streams
+    python scripts/bench_variants.py -m DIR rotation               # shared RoPE rotation vs fast.rope
 
 Each variant is a separate engine; engines run in alternation (A, B, A, B, ...) on the same random
 prompt so that a shared machine's drift hits them alike, and the table gives each variant's ratio
@@ -25,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+import gptoss_mlx.model as model_mod
 import gptoss_mlx.moe as moe
 from gptoss_mlx import bench, load_model
 from gptoss_mlx.attention import Attention
@@ -137,6 +139,16 @@ def engines_for(args) -> tuple[list[bench.Engine], nn.Module]:
             bench.ours_engine(f32, "float32", compiled=compiled),
             bench.ours_engine(bf16, "bfloat16", compiled=compiled),
         ], f32
+    if args.variant == "rotation":
+        # One model each: a compiled decode step is traced once per model, with the setting of
+        # its first run.
+        models = [load_model(args.model), load_model(args.model)]
+        return [
+            bench.ours_engine(
+                m, name, compiled=compiled, context=_setting(model_mod, "SHARED_ROTATION", v)
+            )
+            for m, (name, v) in zip(models, (("fast.rope", False), ("shared", True)), strict=True)
+        ], models[0]
     if args.variant == "fused":
         fused = load_model(args.model)
         fuse(fused)
@@ -172,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-m", "--model", required=True, help="a converted model folder")
     ap.add_argument(
         "variant",
-        choices=["compile", "dtype", "fused", "prefill-chunk", "sort-threshold", "threads"],
+        choices=[
+            "compile",
+            "dtype",
+            "fused",
+            "prefill-chunk",
+            "sort-threshold",
+            "threads",
+            "rotation",
+        ],
     )
     ap.add_argument(
         "values", nargs="*", type=int, help="prefill-chunk / sort-threshold / threads values"

@@ -14,9 +14,11 @@ import pytest
 
 from conftest import make_tiny_config
 from gptoss_mlx import load_model
+from gptoss_mlx import model as model_module
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.errors import CheckpointError
+from gptoss_mlx.rope import YarnRoPE, rotate, yarn_inv_freq
 from oracles import mlx_lm_forward, numpy_forward, read_hf_folder
 
 # head_dim 64 like the real model, so YaRN's ramp spans real dimensions.
@@ -42,7 +44,10 @@ def prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
-def test_logits_match_numpy_float64_reference(lossless):
+@pytest.mark.parametrize("shared_rotation", [True, False], ids=["shared-rotation", "fast-rope"])
+def test_logits_match_numpy_float64_reference(lossless, monkeypatch, shared_rotation):
+    # Both ways of rotating q and k (the CPU default and the GPU default) against the reference.
+    monkeypatch.setattr(model_module, "SHARED_ROTATION", shared_rotation)
     src, out = lossless
     config, tensors = read_hf_folder(src)
     toks = prompt(300, config["vocab_size"])
@@ -52,6 +57,32 @@ def test_logits_match_numpy_float64_reference(lossless):
     err = rel_err(ours, ref)
     assert err <= 1e-4, f"relative max error {err:.2e} vs the float64 reference"
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_shared_rotation_is_as_accurate_as_fast_rope(dtype):
+    # One offset (int or scalar array, as the compiled decode step keeps it) and one per row
+    # (mlx-lm's batch caches), up to positions far into the 131k context, where float32 angles
+    # lose digits in both: each is compared with the rotation computed in float64.
+    cfg = make_tiny_config(head_dim=64)
+    rope = YarnRoPE(cfg)
+    inv_freq = np.array(yarn_inv_freq(cfg)[0], dtype=np.float64)
+    x = mx.random.normal((3, 4, 5, 64), key=mx.random.key(0)).astype(dtype)
+    xs = np.array(x.astype(mx.float32), dtype=np.float64)
+    for offset in (0, 77, mx.array(4000), mx.array([0, 7, 130000])):
+        starts = np.broadcast_to(np.array(offset), (3,))
+        theta = (starts[:, None] + np.arange(5))[:, None, :, None] * inv_freq  # (3, 1, 5, 32)
+        x1, x2 = xs[..., :32], xs[..., 32:]
+        cos, sin = np.cos(theta), np.sin(theta)
+        truth = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        got = rotate(x, rope.rotation(offset, x.shape[2]))
+        assert got.dtype == dtype and got.shape == x.shape
+        fast = np.array(rope(x, offset).astype(mx.float32))
+        ours = np.array(got.astype(mx.float32))
+        for row in range(3):
+            err_fast = np.abs(fast[row] - truth[row]).max()
+            err_ours = np.abs(ours[row] - truth[row]).max()
+            assert err_ours <= 1.5 * err_fast + 1e-5, (offset, row, err_ours, err_fast)
 
 
 def test_logits_match_mlx_lm_with_unrounded_yarn(lossless):
