@@ -5,8 +5,9 @@ projection (8-bit) takes ~0.9 s on one core, ~0.46 s split in two halves on two 
 (2 cores, mlx 0.32.4). Splitting a linear layer by its output rows gives every shard the whole
 input and an independent slice of the output, so each output element is computed exactly as
 before: the sharded model's logits are bit-identical to the unsharded one's
-(tests/test_sharding.py). A decode step of a 4-layer gpt-oss-20b-width model went from 1.15 s to
-0.72 s on 2 cores (docs/PERFORMANCE.md).
+(tests/test_sharding.py). On 2 cores a 4-layer model at gpt-oss-20b's widths decoded 1.61x and
+prefilled 1.72x as fast as on one (`scripts/bench_variants.py -m DIR threads 1 2`,
+docs/PERFORMANCE.md).
 
 On Metal or CUDA one stream already fills the GPU, so nothing is sharded there.
 """
