@@ -35,6 +35,10 @@ class Attention(nn.Module):
         # YaRN's concentration, folded in from q and k (see YarnRoPE).
         self.scale = self.rope.concentration**2 / math.sqrt(d)
 
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v [B, L, heads*d] (a separate method so that experiments can fuse them)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def __call__(
         self,
         x: mx.array,
@@ -45,9 +49,10 @@ class Attention(nn.Module):
         """`rotation`: this pass's `YarnRoPE.rotation`, computed once for all layers (MLX's CPU
         backend); None rotates with `mx.fast.rope` (one kernel on a GPU)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).swapaxes(1, 2)  # (B, nh, L, d)
-        k = self.k_proj(x).reshape(B, L, self.n_kv, -1).swapaxes(1, 2)  # (B, nkv, L, d)
-        v = self.v_proj(x).reshape(B, L, self.n_kv, -1).swapaxes(1, 2)  # (B, nkv, L, d)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, L, self.n_heads, -1).swapaxes(1, 2)  # (B, nh, L, d)
+        k = k.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)  # (B, nkv, L, d)
+        v = v.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)  # (B, nkv, L, d)
         if rotation is not None:
             q, k = rotate(q, rotation), rotate(k, rotation)
         else:

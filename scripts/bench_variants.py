@@ -31,7 +31,6 @@ import gptoss_mlx.moe as moe
 from gptoss_mlx import bench, load_model
 from gptoss_mlx.attention import Attention
 from gptoss_mlx.moe import Experts, MXFP4ExpertLinear, swiglu
-from gptoss_mlx.rope import rotate
 
 # --- the fused-projection experiment (not in the library: it did not pay off, see PERFORMANCE.md)
 
@@ -39,24 +38,9 @@ from gptoss_mlx.rope import rotate
 class FusedAttention(Attention):
     """Attention with q, k and v computed by one projection of the concatenated weights."""
 
-    def __call__(self, x, mask, cache=None, rotation=None):
-        B, L, _ = x.shape
+    def project_qkv(self, x):
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = mx.split(self.qkv_proj(x), [nq, nq + nk], axis=-1)
-        q = q.reshape(B, L, self.n_heads, -1).swapaxes(1, 2)
-        k = k.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)
-        v = v.reshape(B, L, self.n_kv, -1).swapaxes(1, 2)
-        if rotation is not None:
-            q, k = rotate(q, rotation), rotate(k, rotation)
-        else:
-            offset = cache.offset if cache is not None else 0
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
-        )
-        return self.o_proj(o.swapaxes(1, 2).reshape(B, L, -1))
+        return mx.split(self.qkv_proj(x), [nq, nq + nk], axis=-1)
 
 
 class FusedExperts(Experts):
