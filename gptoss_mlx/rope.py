@@ -79,7 +79,8 @@ class YarnRoPE(nn.Module):
         On MLX's CPU backend `mx.fast.rope` has no kernel of its own: it expands into about twenty
         operations (positions, angles, cos, sin, ...) at every call, i.e. twice per layer. The
         model computes the rotation once per forward pass and shares it across layers and q/k
-        instead, which takes a sixth of the operations out of a traced decode step.
+        instead: a traced 4-layer decode step drops from 458 to 408 operations
+        (`scripts/count_decode_ops.py` with and without `--fast-rope`).
         """
         steps = mx.arange(length)
         if isinstance(offset, mx.array) and offset.ndim == 1:
