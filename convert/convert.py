@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptoss_mlx import __version__
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.errors import GptOssError, UsageError
+from gptoss_mlx.model.config import ModelConfig
 
 from . import download as hub
 from .recipes import check_dtype, get_recipe, plan_jobs, quantization_config

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.errors import CheckpointError, UsageError
+from gptoss_mlx.model.config import ModelConfig
 
 from .safetensors_io import TensorSpec
 from .source import SourceTensor
@@ -93,6 +93,26 @@ def _cast(raw: np.ndarray, src_dtype: str, out_dtype: str) -> np.ndarray:
     return _from_mx(_to_mx(raw, src_dtype).astype(DTYPES_BY_CODE[out_dtype]))
 
 
+def check_finite(raw: np.ndarray, src: SourceTensor, row0: int = 0) -> None:
+    """Refuse NaN/inf in raw float values read from `src` (rows from `row0` of the logical tensor).
+
+    bf16 arrives as uint16 bits: NaN and inf are exactly the values whose 8 exponent bits are all
+    ones, so one mask-and-compare pass finds them without converting anything.
+    """
+    if src.dtype == "BF16":
+        bad = (raw.view(np.uint16) & 0x7F80) == 0x7F80
+    else:
+        bad = ~np.isfinite(raw)
+    if bad.any():
+        where = np.argwhere(bad)[0].tolist()
+        if where:
+            where[0] += src.row0 + row0  # an index into the tensor as stored in the file
+        raise CheckpointError(
+            f"{src.file.path}: tensor {src.stored!r} has a NaN or inf value at {where}; the "
+            "checkpoint is corrupt, download it again"
+        )
+
+
 def _row_chunks(rows: int, row_elems: int) -> Iterator[tuple[int, int]]:
     step = max(1, CHUNK_BYTES // max(1, 4 * row_elems))
     for start in range(0, rows, step):
@@ -106,7 +126,9 @@ def cast_job(src: SourceTensor, out_name: str, out_dtype: str) -> Job:
 
     def produce():
         for rows in _row_chunks(src.shape[0], row_elems):
-            yield out_name, _cast(src.read(rows), src.dtype, out_dtype)
+            raw = src.read(rows)
+            check_finite(raw, src, rows[0])
+            yield out_name, _cast(raw, src.dtype, out_dtype)
 
     return Job([spec], produce)
 
@@ -133,7 +155,9 @@ def affine_job(src: SourceTensor, prefix: str, bits: int, out_dtype: str) -> Job
     def produce():
         scales, biases = [], []
         for chunk in _row_chunks(rows, cols):
-            w = _to_mx(src.read(chunk), src.dtype).astype(target)
+            raw = src.read(chunk)
+            check_finite(raw, src, chunk[0])
+            w = _to_mx(raw, src.dtype).astype(target)
             wq, s, b = mx.quantize(w, group_size=AFFINE_GROUP, bits=bits, mode="affine")
             mx.eval(wq, s, b)
             scales.append(_from_mx(s))
@@ -181,7 +205,9 @@ def expert_job(src: SourceTensor, out_name: str, rows: slice, out_dtype: str | N
 
     def produce():
         if kind == "bias":  # [E, out] is small: one read
-            yield out_name, np.ascontiguousarray(_cast(src.read()[:, rows], src.dtype, out_dtype))
+            raw = src.read()
+            check_finite(raw, src)
+            yield out_name, np.ascontiguousarray(_cast(raw[:, rows], src.dtype, out_dtype))
             return
         for e in range(E):
             raw = src.read((e, e + 1))[:, rows]

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from gptoss_mlx.errors import CheckpointError, UsageError
-from gptoss_mlx.loading import MANIFEST
+from gptoss_mlx.weights.loading import MANIFEST
 
 from .download import looks_like_repo_id
 

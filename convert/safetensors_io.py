@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_mlx.errors import CheckpointError
-from gptoss_mlx.safetensors_header import (  # noqa: F401 - re-exported for the converter
+from gptoss_mlx.weights.safetensors_header import (  # noqa: F401 - re-exported for the converter
     DTYPES,
     MAX_HEADER_BYTES,
     REDOWNLOAD,

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss_mlx.config import ModelConfig
-from gptoss_mlx.errors import CheckpointError, ConfigError
+from gptoss_mlx.errors import CheckpointError, ConfigError, UsageError
+from gptoss_mlx.model.config import ModelConfig
 
 from .safetensors_io import SafetensorsFile, TensorInfo
+from .writer import FORMAT, MANIFEST_NAME
 
 INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = ("BF16", "F32")
@@ -55,6 +56,9 @@ ORIGINAL_BLOCK = {
     "mlp.mlp2_bias": "mlp.experts.down_proj_bias",
 }
 _BLOCK_RE = re.compile(r"block\.(\d+)\.(.+)")
+# Tensor names of converted MLX folders (ours and mlx-lm's), never of a checkpoint: affine
+# "x.scales"/"x.biases" (checkpoints say "x_scales") and the experts split into gate/up/down.
+_MLX_NAME_RE = re.compile(r".+\.(?:scales|biases)|.+\.mlp\.experts\.(?:gate|up|down)_proj\..+")
 
 
 @dataclass(frozen=True)
@@ -277,8 +281,29 @@ def _original_entries(
     return entries
 
 
+def _has_our_manifest(folder: Path) -> bool:
+    path = folder / MANIFEST_NAME
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+def already_converted(folder: Path) -> UsageError:
+    """The one-line refusal for a SRC that is already a converted MLX folder."""
+    if _has_our_manifest(folder):
+        return UsageError(f"{folder} is already a converted MLX folder; use it with -m")
+    return UsageError(
+        f"{folder} is already a converted MLX folder, but not one gptoss-mlx wrote (no gptoss-mlx "
+        f"{MANIFEST_NAME}); convert the original checkpoint (e.g. openai/gpt-oss-20b) instead"
+    )
+
+
 def _validate(
-    entries: list[tuple[str, SourceTensor]], cfg: ModelConfig, folder: Path
+    entries: list[tuple[str, SourceTensor]], cfg: ModelConfig, folder: Path, src: Path
 ) -> dict[str, SourceTensor]:
     """Every expected tensor exactly once, with the expected shape and dtype; returns them in order."""
     expected = expected_tensors(cfg)
@@ -287,6 +312,8 @@ def _validate(
         if name in got:
             raise CheckpointError(f"{t.file.path}: tensor {name!r} appears more than once")
         if name not in expected:
+            if _MLX_NAME_RE.fullmatch(name):
+                raise already_converted(src)
             raise CheckpointError(f"{t.file.path}: unexpected tensor {t.stored!r}")
         got[name] = t
     for name in expected:
@@ -348,6 +375,9 @@ def open_source(
         d = _load_json(cfg_path)
         if not isinstance(d, dict):
             raise ConfigError(f"{cfg_path}: expected a JSON object")
+        # MLX's "quantization" entry (ours and mlx-lm's; checkpoints have "quantization_config")
+        if "quantization" in d or "gptoss_mlx" in d or _has_our_manifest(folder):
+            raise already_converted(folder)
         if "model_type" in d:
             cfg = ModelConfig.from_dict(d, source=str(cfg_path))
             has_hf = (folder / INDEX_NAME).exists() or any(folder.glob("model*.safetensors"))
@@ -386,7 +416,7 @@ def open_source(
             entries = _hf_entries(weights_dir, opened)
         else:
             entries = _original_entries(weights_dir, cfg, opened)
-        tensors = _validate(entries, cfg, weights_dir)
+        tensors = _validate(entries, cfg, weights_dir, folder)
     except BaseException:
         for f in opened:
             f.close()

@@ -24,9 +24,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gptoss_mlx.config import ModelConfig
-from gptoss_mlx.model import GptOss
-from gptoss_mlx.tokenizer import bytes_to_unicode, harmony_special_tokens
+from gptoss_mlx.harmony.tokenizer import bytes_to_unicode, harmony_special_tokens
+from gptoss_mlx.model.config import ModelConfig
+from gptoss_mlx.model.transformer import GptOss
 
 from .safetensors_io import SafetensorsWriter, TensorSpec
 from .source import INDEX_NAME, ORIGINAL_BLOCK, ORIGINAL_TOP, Expected, expected_tensors

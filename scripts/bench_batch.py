@@ -18,11 +18,11 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from gptoss_mlx.batching import BatchEngine, BatchRequest
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.synthetic import random_model
-from gptoss_mlx.generate import SamplingParams, generate
-from gptoss_mlx.model import GptOss
+from gptoss_mlx.engine.batching import BatchEngine, BatchRequest
+from gptoss_mlx.engine.generate import SamplingParams, generate
+from gptoss_mlx.model.config import ModelConfig
+from gptoss_mlx.model.transformer import GptOss
 
 
 def main() -> None:
@@ -122,11 +122,15 @@ def bench_job(args: argparse.Namespace, model: GptOss, rng: np.random.Generator)
     import tempfile
     from pathlib import Path
 
-    from gptoss_mlx.batch import BatchDefaults, BatchJob, parse_line, render_item
-    from gptoss_mlx.batch_io import RecordWriter, read_lines
-    from gptoss_mlx.chat import run_turn
+    from gptoss_mlx.cli.batch_files import RecordWriter, read_lines
+    from gptoss_mlx.cli.batch_job import BatchDefaults, BatchJob, parse_line, render_item
     from gptoss_mlx.convert.synthetic import write_byte_level_tokenizer_json
-    from gptoss_mlx.tokenizer import find_default_vocab, load_default_tokenizer, load_tokenizer
+    from gptoss_mlx.engine.chat import run_turn
+    from gptoss_mlx.harmony.tokenizer import (
+        find_default_vocab,
+        load_default_tokenizer,
+        load_tokenizer,
+    )
 
     tmp = Path(tempfile.mkdtemp())
     if find_default_vocab() is not None:

@@ -26,11 +26,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-import gptoss_mlx.model as model_mod
-import gptoss_mlx.moe as moe
-from gptoss_mlx import bench, load_model
-from gptoss_mlx.attention import Attention
-from gptoss_mlx.moe import Experts, MXFP4ExpertLinear, swiglu
+import gptoss_mlx.model.moe as moe
+import gptoss_mlx.model.transformer as model_mod
+from gptoss_mlx import load_model
+from gptoss_mlx.engine import bench
+from gptoss_mlx.model.attention import Attention
+from gptoss_mlx.model.moe import Experts, MXFP4ExpertLinear, swiglu
 
 # --- the fused-projection experiment (not in the library: it did not pay off, see PERFORMANCE.md)
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-import gptoss_mlx.model as model_mod
-from gptoss_mlx import generate, load_model
-from gptoss_mlx.compiled_decode import CompiledDecoder
+import gptoss_mlx.model.transformer as model_mod
+from gptoss_mlx import load_model
+from gptoss_mlx.engine import generate
+from gptoss_mlx.model.compiled_decode import CompiledDecoder
 
 
 def count_ops(model, prompt_tokens: int = 4) -> collections.Counter:

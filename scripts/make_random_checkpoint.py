@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint, write_original_checkpoint
+from gptoss_mlx.model.config import ModelConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_mlx.config import ModelConfig
+from gptoss_mlx.model.config import ModelConfig
 
 # Shared helper modules whose asserts should report like a test's own (imported after this file).
 pytest.register_assert_rewrite("scripted_chat", "vocabs")

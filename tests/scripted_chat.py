@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from gptoss_mlx.chat import ChatSession
-from gptoss_mlx.generate import SamplingParams
-from gptoss_mlx.tokenizer import find_default_vocab, load_default_tokenizer, load_tokenizer
+from gptoss_mlx.engine.chat import ChatSession
+from gptoss_mlx.engine.generate import SamplingParams
+from gptoss_mlx.harmony.tokenizer import find_default_vocab, load_default_tokenizer, load_tokenizer
 
 DATE = "2025-03-04"
 GREEDY = SamplingParams(temperature=0.0)

@@ -25,7 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import convert_chat_model
-from gptoss_mlx.batch import (
+from gptoss_mlx.cli import main
+from gptoss_mlx.cli.batch_files import InputLine, plan_output, read_lines
+from gptoss_mlx.cli.batch_job import (
     BatchDefaults,
     BatchItem,
     BatchJob,
@@ -33,13 +35,11 @@ from gptoss_mlx.batch import (
     line_seed,
     parse_line,
 )
-from gptoss_mlx.batch_io import InputLine, plan_output, read_lines
-from gptoss_mlx.chat import run_turn
-from gptoss_mlx.chat_request import parse_chat_request
-from gptoss_mlx.cli import main
-from gptoss_mlx.generate import SamplingParams
-from gptoss_mlx.harmony import render_prompt
-from gptoss_mlx.loading import load_for_inference
+from gptoss_mlx.engine.chat import run_turn
+from gptoss_mlx.engine.generate import SamplingParams
+from gptoss_mlx.engine.runtime import load_for_inference
+from gptoss_mlx.harmony.render import render_prompt
+from gptoss_mlx.harmony.request import parse_chat_request
 from vocabs import REAL_VOCAB, needs_real_vocab
 
 DATE = "2025-01-01"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
-from gptoss_mlx.batching import (
+from gptoss_mlx.convert.synthetic import random_model
+from gptoss_mlx.engine.batching import (
     BatchEngine,
     BatchRequest,
     BatchResult,
@@ -20,11 +21,10 @@ from gptoss_mlx.batching import (
     merge_caches,
     sample_rows,
 )
-from gptoss_mlx.config import FULL
-from gptoss_mlx.convert.synthetic import random_model
+from gptoss_mlx.engine.generate import SamplingParams, generate, prefill
 from gptoss_mlx.errors import UsageError
-from gptoss_mlx.generate import SamplingParams, generate, prefill
-from gptoss_mlx.model import GptOss
+from gptoss_mlx.model.config import FULL
+from gptoss_mlx.model.transformer import GptOss
 
 WINDOW = 8
 VOCAB = 512

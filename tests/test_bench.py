@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_tiny_config
-from gptoss_mlx import bench
 from gptoss_mlx.cli import main
-from gptoss_mlx.generate import prefill_ids
+from gptoss_mlx.engine import bench
+from gptoss_mlx.engine.generate import prefill_ids
 
 ROW_LABELS = [label for _, label, _ in bench.ROWS]
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from gptoss_mlx.chat import TurnEvent, run_turn
-from gptoss_mlx.chat_request import parse_chat_request
+from gptoss_mlx.engine.chat import TurnEvent, run_turn
 from gptoss_mlx.errors import UsageError
-from gptoss_mlx.harmony import render_prompt
+from gptoss_mlx.harmony.render import render_prompt
+from gptoss_mlx.harmony.request import parse_chat_request
 from scripted_chat import (
     DATE,
     GREEDY,

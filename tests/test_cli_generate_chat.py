@@ -20,11 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import convert_chat_model
-from gptoss_mlx.chat_request import parse_chat_request
 from gptoss_mlx.cli import main
-from gptoss_mlx.harmony import render_prompt
-from gptoss_mlx.repl import HELP, SKIPPED, ChatLoop
-from gptoss_mlx.tokenizer import load_tokenizer
+from gptoss_mlx.cli.repl import HELP, SKIPPED, ChatLoop
+from gptoss_mlx.harmony.render import render_prompt
+from gptoss_mlx.harmony.request import parse_chat_request
+from gptoss_mlx.harmony.tokenizer import load_tokenizer
 from scripted_chat import (
     WEATHER_TOOL,
     ScriptedModel,
@@ -260,7 +260,7 @@ def tok(tmp_path_factory):
 def scripted(monkeypatch, tok):
     """Make the commands load a ScriptedModel; returns a function scripts -> the model."""
     import gptoss_mlx.convert.resolve as resolve
-    import gptoss_mlx.loading as loading
+    import gptoss_mlx.engine.runtime as runtime
 
     holder = {}
 
@@ -272,7 +272,7 @@ def scripted(monkeypatch, tok):
         return holder["model"], tok, max_context or 131072
 
     monkeypatch.setattr(resolve, "resolve_model", lambda spec, **kw: Path(spec or "m"))
-    monkeypatch.setattr(loading, "load_for_inference", fake_load)
+    monkeypatch.setattr(runtime, "load_for_inference", fake_load)
     return use
 
 

@@ -8,10 +8,10 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from conftest import make_tiny_config
-from gptoss_mlx import compiled_decode
-from gptoss_mlx.compiled_decode import CompiledDecoder
-from gptoss_mlx.generate import prefill_ids
-from gptoss_mlx.model import GptOss
+from gptoss_mlx.engine.generate import prefill_ids
+from gptoss_mlx.model import compiled_decode
+from gptoss_mlx.model.compiled_decode import CompiledDecoder
+from gptoss_mlx.model.transformer import GptOss
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_start_refuses_caches_at_different_offsets(model):
 
 
 def test_generate_tokens_is_the_same_compiled_or_not(model, monkeypatch):
-    from gptoss_mlx import generate as gen
+    from gptoss_mlx.engine import generate as gen
 
     greedy = gen.SamplingParams(temperature=0.0)
     prompt = _ids(11, 1, 5)[0].tolist()

@@ -23,7 +23,6 @@ from click.testing import CliRunner
 
 from conftest import start_slow_convert
 from gptoss_mlx.cli import main as cli_main
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert import convert as convert_mod
 from gptoss_mlx.convert.convert import (
     clean_stale,
@@ -45,6 +44,7 @@ from gptoss_mlx.convert.synthetic import (
     write_original_checkpoint,
 )
 from gptoss_mlx.errors import CheckpointError, ConfigError, GptOssError, UsageError
+from gptoss_mlx.model.config import ModelConfig
 
 RECIPES = ["mxfp4-q8", "mxfp4-q4", "mxfp4-bf16"]
 FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])

@@ -23,21 +23,21 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_config
-from gptoss_mlx.chat_request import load_chat_request, parse_chat_request
-from gptoss_mlx.config import FULL, SLIDING, ModelConfig
 from gptoss_mlx.convert.safetensors_io import SafetensorsFile, TensorSpec, build_header
 from gptoss_mlx.errors import CheckpointError, ConfigError, UsageError
-from gptoss_mlx.harmony import render_prompt, render_text
-from gptoss_mlx.harmony_parser import (
+from gptoss_mlx.harmony.parser import (
     ContentDelta,
     HarmonyStreamParser,
     MessageEnd,
     MessageStart,
     build_result,
 )
-from gptoss_mlx.loading import _check_manifest_entry
-from gptoss_mlx.safetensors_header import DTYPES, parse_header, read_header
-from gptoss_mlx.weights_layout import expected_weights
+from gptoss_mlx.harmony.render import render_prompt, render_text
+from gptoss_mlx.harmony.request import load_chat_request, parse_chat_request
+from gptoss_mlx.model.config import FULL, SLIDING, ModelConfig
+from gptoss_mlx.weights.layout import expected_weights
+from gptoss_mlx.weights.loading import _check_manifest_entry
+from gptoss_mlx.weights.safetensors_header import DTYPES, parse_header, read_header
 from vocabs import CONTROL, RESERVED, fake_decode_bytes, toks, write_tiny_tokenizer_json
 from vocabs import IDS as H
 
@@ -358,7 +358,7 @@ def test_random_request_bytes(data):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from gptoss_mlx.tokenizer import load_tokenizer
+    from gptoss_mlx.harmony.tokenizer import load_tokenizer
 
     return load_tokenizer(write_tiny_tokenizer_json(tmp_path_factory.mktemp("tok")))
 
@@ -477,7 +477,7 @@ def set_at(obj, path: tuple, value):
     )
 )
 def test_mutated_tokenizer_json(tiny_tokenizer_spec, scratch, edits):
-    from gptoss_mlx.tokenizer import load_tokenizer
+    from gptoss_mlx.harmony.tokenizer import load_tokenizer
 
     spec = json.loads(tiny_tokenizer_spec)
     for path, value in edits:
@@ -539,8 +539,14 @@ def test_random_jsonl_batch_input(tok, lines, newline, bom, text_mode):
     """Every line becomes a runnable item or an error record; nothing raises, nothing is lost."""
     import io
 
-    from gptoss_mlx.batch import BatchDefaults, BatchItem, LineFailure, parse_line, render_item
-    from gptoss_mlx.batch_io import read_lines
+    from gptoss_mlx.cli.batch_files import read_lines
+    from gptoss_mlx.cli.batch_job import (
+        BatchDefaults,
+        BatchItem,
+        LineFailure,
+        parse_line,
+        render_item,
+    )
 
     data = (b"\xef\xbb\xbf" if bom else b"") + newline.join(lines)
     read = list(read_lines(io.BytesIO(data), max_bytes=64))

@@ -16,8 +16,7 @@ from conftest import make_tiny_config
 from gptoss_mlx import load_model
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
-from gptoss_mlx.errors import UsageError
-from gptoss_mlx.generate import (
+from gptoss_mlx.engine.generate import (
     PREFILL_CHUNK,
     GenerationStats,
     NonFiniteLogitsError,
@@ -25,6 +24,7 @@ from gptoss_mlx.generate import (
     generate,
     generate_tokens,
 )
+from gptoss_mlx.errors import UsageError
 
 GREEDY = SamplingParams(temperature=0.0)
 

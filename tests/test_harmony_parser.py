@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptoss_mlx.harmony_parser import (
+from gptoss_mlx.harmony.parser import (
     ContentDelta,
     HarmonyStreamParser,
     Message,

@@ -12,10 +12,10 @@ import functools
 
 import pytest
 
-from gptoss_mlx.chat_request import parse_chat_request
 from gptoss_mlx.errors import UsageError
-from gptoss_mlx.harmony import render_prompt, render_prompt_prefix, render_text
-from gptoss_mlx.tokenizer import load_tokenizer
+from gptoss_mlx.harmony.render import render_prompt, render_prompt_prefix, render_text
+from gptoss_mlx.harmony.request import parse_chat_request
+from gptoss_mlx.harmony.tokenizer import load_tokenizer
 from vocabs import real_vocab_dir, write_tiny_tokenizer_json
 
 DATE = "2025-03-04"

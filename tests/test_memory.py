@@ -8,12 +8,18 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from conftest import make_tiny_config
-from gptoss_mlx import memory, sharding
 from gptoss_mlx.cli import main
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
-from gptoss_mlx.loading import load_for_inference
-from gptoss_mlx.memory import MemoryPlan, MemoryPreflightError, choose_max_context, plan_memory
+from gptoss_mlx.engine import memory
+from gptoss_mlx.engine.memory import (
+    MemoryPlan,
+    MemoryPreflightError,
+    choose_max_context,
+    plan_memory,
+)
+from gptoss_mlx.engine.runtime import load_for_inference
+from gptoss_mlx.model import cpu_streams as sharding
 
 
 @pytest.fixture(scope="module")

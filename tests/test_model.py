@@ -14,11 +14,11 @@ import pytest
 
 from conftest import make_tiny_config
 from gptoss_mlx import load_model
-from gptoss_mlx import model as model_module
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.errors import CheckpointError
-from gptoss_mlx.rope import YarnRoPE, rotate, yarn_inv_freq
+from gptoss_mlx.model import transformer as model_module
+from gptoss_mlx.model.rope import YarnRoPE, rotate, yarn_inv_freq
 from oracles import mlx_lm_forward, numpy_forward, read_hf_folder
 
 # head_dim 64 like the real model, so YaRN's ramp spans real dimensions.

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
+from gptoss_mlx.model.config import ModelConfig
 from oracles import (
     mlx_lm_forward,
     mxfp4_decode,

@@ -9,12 +9,12 @@ import pytest
 
 from conftest import make_tiny_config
 from gptoss_mlx import load_model
-from gptoss_mlx.chat import ChatSession
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
-from gptoss_mlx.generate import SamplingParams, prefill
-from gptoss_mlx.prompt_cache import PromptCache
-from gptoss_mlx.tokenizer import load_tokenizer
+from gptoss_mlx.engine.chat import ChatSession
+from gptoss_mlx.engine.generate import SamplingParams, prefill
+from gptoss_mlx.engine.prompt_cache import PromptCache
+from gptoss_mlx.harmony.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

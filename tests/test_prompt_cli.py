@@ -7,10 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gptoss_mlx.chat_request import parse_chat_request
 from gptoss_mlx.cli import main
-from gptoss_mlx.harmony import render_prompt
-from gptoss_mlx.tokenizer import load_tokenizer
+from gptoss_mlx.harmony.render import render_prompt
+from gptoss_mlx.harmony.request import parse_chat_request
+from gptoss_mlx.harmony.tokenizer import load_tokenizer
 from vocabs import write_tiny_tokenizer_json
 
 REQUEST = {

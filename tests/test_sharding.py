@@ -11,12 +11,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import make_tiny_config
-from gptoss_mlx import generate, sharding
-from gptoss_mlx.batching import BatchEngine, BatchRequest
-from gptoss_mlx.compiled_decode import CompiledDecoder
+from gptoss_mlx.engine import generate
+from gptoss_mlx.engine.batching import BatchEngine, BatchRequest
 from gptoss_mlx.errors import UsageError
-from gptoss_mlx.loading import load_model
-from gptoss_mlx.sharding import RowShards
+from gptoss_mlx.model import cpu_streams as sharding
+from gptoss_mlx.model.compiled_decode import CompiledDecoder
+from gptoss_mlx.model.cpu_streams import RowShards
+from gptoss_mlx.weights.loading import load_model
 
 GREEDY = generate.SamplingParams(temperature=0.0)
 

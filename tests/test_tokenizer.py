@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptoss_mlx.errors import CheckpointError
-from gptoss_mlx.tokenizer import (
+from gptoss_mlx.harmony.tokenizer import (
     HARMONY_NAMED_TOKENS,
     O200K_PATTERN,
     StreamingDetokenizer,

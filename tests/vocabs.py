@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_mlx.harmony_parser import HarmonyIds
-from gptoss_mlx.tokenizer import HARMONY_NAMED_TOKENS, O200K_PATTERN, find_default_vocab
+from gptoss_mlx.harmony.parser import HarmonyIds
+from gptoss_mlx.harmony.tokenizer import HARMONY_NAMED_TOKENS, O200K_PATTERN, find_default_vocab
 
 # --- a fake byte-per-token vocabulary with the real harmony control ids ---------------------------
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..model.config import ModelConfig
 
 # config.json's gptoss_mlx.dtype -> the safetensors dtype of every floating-point tensor.
 FLOAT_CODES = {"bfloat16": "BF16", "float32": "F32"}

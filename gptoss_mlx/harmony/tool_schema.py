@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .chat_request import FunctionTool
+from .request import FunctionTool
 
 
 def rust_lines(text: str) -> list[str]:

@@ -11,12 +11,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .model import GptOss
+from ..errors import CheckpointError
+from ..model.config import ModelConfig
+from ..model.cpu_streams import default_threads, shard_model
+from ..model.transformer import GptOss
+from .layout import check_weights, expected_weights
 from .safetensors_header import Header, read_header
-from .sharding import default_threads, shard_model
-from .weights_layout import check_weights, expected_weights
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
@@ -208,10 +208,10 @@ def load_model(
     On MLX's CPU backend the large matmuls are split across `threads` CPU streams (default:
     sharding.default_threads(), i.e. $GPTOSS_MLX_THREADS or the usable cores); 1 splits nothing.
     """
-    return _load_checked(inspect_folder(path), dtype, threads)
+    return load_checked(inspect_folder(path), dtype, threads)
 
 
-def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None, threads: int | None) -> GptOss:
+def load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None, threads: int | None) -> GptOss:
     weights: dict[str, mx.array] = {}
     for name in folder.headers:
         path = folder.path / name
@@ -237,43 +237,3 @@ def _load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None, threads: int 
     if mx.default_device() == mx.cpu:
         shard_model(model, default_threads() if threads is None else threads)
     return model
-
-
-def load(
-    path: str | Path, dtype: mx.Dtype | None = None, threads: int | None = None
-) -> tuple[GptOss, Any]:
-    """Load a converted folder: `model, tokenizer = gptoss_mlx.load(path)`.
-
-    `dtype` is the activation dtype (default: float32 on MLX's CPU backend, bfloat16 on a GPU);
-    `threads` as in load_model.
-    """
-    from .tokenizer import load_tokenizer
-
-    model = load_model(path, dtype, threads)
-    return model, load_tokenizer(Path(path).expanduser())
-
-
-def load_for_inference(
-    path: str | Path,
-    max_context: int | None = None,
-    batch: int = 1,
-    dtype: mx.Dtype | None = None,
-    threads: int | None = None,
-) -> tuple[GptOss, Any, int]:
-    """Preflight memory, then load: returns (model, tokenizer, context limit to enforce).
-
-    The context limit is `max_context` when it fits, else (when None) the largest of
-    128k/64k/32k/16k/8k/4k tokens that fits this device next to the weights. Raises
-    MemoryPreflightError, saying what to change, before anything is loaded when nothing fits.
-    """
-    from .memory import choose_max_context, plan_memory, set_wired_limit
-    from .tokenizer import load_tokenizer
-
-    checked = inspect_folder(path)
-    cfg = checked.config
-    dtype = dtype or default_dtype()
-    plan = plan_memory(checked.path, cfg, dtype)
-    context = choose_max_context(plan, max_context, cfg.max_position_embeddings, batch)
-    set_wired_limit()
-    model = _load_checked(checked, dtype, threads)
-    return model, load_tokenizer(checked.path), context

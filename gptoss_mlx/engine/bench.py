@@ -28,10 +28,10 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..errors import CheckpointError, UsageError
+from ..model.compiled_decode import PlainDecoder, start_decoder
+from ..model.cpu_streams import threads_of
 from . import generate
-from .compiled_decode import PlainDecoder, start_decoder
-from .errors import CheckpointError, UsageError
-from .sharding import threads_of
 
 # Synchronous decode steps per run whose graph building is timed apart from evaluation (16: the
 # host time is small and noisy on a shared machine; 8 left pairs of runs from 0.36x to 0.56x).
@@ -352,7 +352,7 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """`gptoss-mlx bench`: load the converted model (and mlx-lm's on `compare_src`), measure."""
-    from .loading import load_model
+    from ..weights.loading import load_model
 
     if min(prompt_tokens, gen_tokens, batch, runs) < 1:
         raise UsageError("--prompt-tokens, --gen-tokens, --batch and --runs must be at least 1")

@@ -23,7 +23,7 @@ from typing import Any
 
 import tiktoken
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # o200k_base's pre-tokenizer split, as tiktoken_ext/openai_public.py defines it.
 O200K_PATTERN = "|".join(

@@ -7,8 +7,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .attention import Attention
 from .config import FULL, SLIDING, ModelConfig
@@ -68,11 +66,17 @@ class GptOss(nn.Module):
 
     def make_cache(self) -> list[Any]:
         """One cache per layer: a growing one for full attention, a rotating window for sliding."""
+        # mlx-lm is imported where it is used: importing it loads transformers (seconds), which
+        # commands that never run the model (`info`, `verify`, `--help`) must not pay for.
+        from mlx_lm.models.cache import KVCache, RotatingKVCache
+
         w = self.config.sliding_window
         return [KVCache() if t == FULL else RotatingKVCache(max_size=w) for t in self.layer_types]
 
     def hidden(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
         """Final-normed hidden states [batch, length, hidden]."""
+        from mlx_lm.models.base import create_attention_mask  # lazily: see make_cache
+
         x = self.model.embed_tokens(tokens).astype(self.dtype)
         caches = cache if cache is not None else [None] * len(self.layers)
         masks = {}

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import FULL, SLIDING, ModelConfig
-from .errors import GptOssError
-from .safetensors_header import read_header
+from ..errors import GptOssError
+from ..model.config import FULL, SLIDING, ModelConfig
+from ..weights.safetensors_header import read_header
 
 MAX_CONTEXT = 131072
 # Candidate defaults for --max-context, largest first.

@@ -31,7 +31,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
 
-from .errors import GptOssError, UsageError
+from ..errors import GptOssError, UsageError
 from .generate import SamplingParams, prefill
 
 # The error of a sequence whose logits went NaN or infinite (where `generate` would raise

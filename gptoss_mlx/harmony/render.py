@@ -24,10 +24,10 @@ import datetime as _dt
 import re
 from dataclasses import dataclass
 
-from .chat_request import ChatMessage, ChatRequest
-from .errors import UsageError
+from ..errors import UsageError
+from .request import ChatMessage, ChatRequest
 from .tokenizer import Tokenizer
-from .tools_ts import render_functions_namespace
+from .tool_schema import render_functions_namespace
 
 MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 KNOWLEDGE_CUTOFF = "2024-06"

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from .model import GptOss
+from .transformer import GptOss
 
 # Full-attention buffers grow by this many slots: unused slots are masked but still read by the
 # attention kernel, and each new size costs one trace.

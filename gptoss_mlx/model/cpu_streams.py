@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UsageError
+from ..errors import UsageError
 from .moe import MXFP4ExpertLinear, add_expert_bias
 
 THREADS_ENV = "GPTOSS_MLX_THREADS"

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..progress import LiveBar
 
 # No prompt that fits gpt-oss's 131k-token context comes near 1 MiB of text; a longer line is
 # refused without being held in memory.
@@ -252,57 +252,27 @@ class BatchSummary:
         )
 
 
-class Progress:
-    """A one-line bar on `stream`: lines done/total, errors, tokens/s, time.
+def batch_progress(
+    stream: TextIO, total: int | None, live: Callable[[], tuple[int, int, int, float]]
+) -> LiveBar:
+    """The batch bar on `stream`: lines done/total, errors, tokens/s, time.
 
-    `state()` returns (lines done, errors, tokens generated, seconds). On a terminal the bar is
-    redrawn in place twice a second by a background thread, so it moves while long sequences
-    are still generating; elsewhere (--progress into a file) a line is printed every 10 seconds.
+    `live()` returns (lines done, errors, tokens generated, seconds); a background thread
+    redraws from it, so the bar moves while long sequences are still generating.
     """
 
-    def __init__(
-        self, stream: TextIO, total: int | None, state: Callable[[], tuple[int, int, int, float]]
-    ):
-        self.stream = stream
-        self.total = total
-        self.state = state
-        try:
-            self.tty = stream.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._tick, daemon=True)
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(0.5 if self.tty else 10.0):
-            self.draw()
-
-    def draw(self) -> None:
-        done, errors, tokens, seconds = self.state()
-        if self.total:
-            filled = min(20, 20 * done // self.total)
-            bar = f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{self.total}"
-        else:
-            bar = f"{done} lines"
+    def state() -> tuple[int, str]:
+        done, errors, tokens, seconds = live()
         tps = tokens / seconds if seconds > 0 else 0.0
-        text = f"{bar} | {errors} errors | {tokens} tokens, {tps:.1f} tokens/s | {seconds:.0f} s"
-        with self._lock:
-            self.stream.write(f"\r\x1b[2K{text}" if self.tty else f"{text}\n")
-            self.stream.flush()
+        return done, f"{errors} errors | {tokens} tokens, {tps:.1f} tokens/s | {seconds:.0f} s"
 
-    def close(self) -> None:
-        """Stop the thread and draw the final state (ending the line on a terminal)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self.draw()
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+    return LiveBar(
+        stream,
+        total,
+        state,
+        bar_format="[{bar:20}] {n_fmt}/{total_fmt} | {status}",
+        unknown_total_format="{n} lines | {status}",
+    )
 
 
 def open_input(path: str) -> BinaryIO:

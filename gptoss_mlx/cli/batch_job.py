@@ -27,23 +27,23 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .batch_io import (
+from ..engine.batching import BatchEngine, BatchRequest, BatchResult
+from ..engine.chat import DEFAULT_MAX_TOKENS, harmony_ids
+from ..engine.generate import SamplingParams
+from ..errors import GptOssError, UsageError
+from ..harmony.parser import parse_completion
+from ..harmony.render import check_date, render_prompt
+from ..harmony.request import EFFORTS, ChatMessage, ChatRequest, parse_chat_request
+from .batch_files import (
     BatchSummary,
     InputLine,
     OutputPlan,
-    Progress,
+    batch_progress,
     count_lines,
     id_key,
     open_input,
     read_lines,
 )
-from .batching import BatchEngine, BatchRequest, BatchResult
-from .chat import DEFAULT_MAX_TOKENS, harmony_ids
-from .chat_request import EFFORTS, ChatMessage, ChatRequest, parse_chat_request
-from .errors import GptOssError, UsageError
-from .generate import SamplingParams
-from .harmony import check_date, render_prompt
-from .harmony_parser import parse_completion
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
 LINE_FIELDS = ("id", "messages", "prompt", "tools", "reasoning_effort", "max_tokens")
@@ -401,7 +401,7 @@ def run_batch_file(
     bar = None
     if show:
         total = count_lines(input_path) if input_path != "-" else None
-        bar = Progress(log, total, job.live)
+        bar = batch_progress(log, total, job.live)
         bar.start()
     interrupted = False
     try:

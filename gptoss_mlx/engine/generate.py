@@ -14,8 +14,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from .compiled_decode import start_decoder
-from .errors import GptOssError, UsageError
+from ..errors import GptOssError, UsageError
+from ..model.compiled_decode import start_decoder
 
 # Prompt tokens per forward pass during prefill. On a GPU larger chunks amortise weight reads
 # across more tokens (the sorted expert gather reads each expert once per chunk); smaller ones bound

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # safetensors dtype -> (bytes per element, numpy dtype used to hold the raw bits).
 DTYPES: dict[str, tuple[int, np.dtype]] = {

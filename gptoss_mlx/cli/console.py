@@ -6,7 +6,7 @@ import json
 import sys
 from typing import TextIO
 
-from .chat import TurnEvent
+from ..engine.chat import TurnEvent
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -76,7 +76,7 @@ class TurnPrinter:
 
 def load_tools_file(path: str) -> list[dict]:
     """Read a JSON file of OpenAI function tools (a list, or {"tools": [...]})."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         with open(path, encoding="utf-8") as f:

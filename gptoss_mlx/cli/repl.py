@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from .chat import ChatSession, TurnResult
-from .chat_request import EFFORTS
+from ..engine.chat import ChatSession, TurnResult
+from ..errors import GptOssError
+from ..harmony.request import EFFORTS
 from .console import TurnPrinter
-from .errors import GptOssError
 
 HELP = """\
 Type a message and press Enter. For several lines, start and end them with a line of \"\"\".

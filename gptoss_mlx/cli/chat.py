@@ -1,0 +1,30 @@
+"""`gptoss-mlx chat`: the interactive chat (the loop itself is in repl.py)."""
+
+from __future__ import annotations
+
+import click
+
+from .main import CONTEXT_SETTINGS, handle_errors, main, model_options, session_from_options
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@model_options
+@click.option("--hide-reasoning", is_flag=True, help="Do not show the model's reasoning.")
+@handle_errors
+def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
+    """Chat with gpt-oss in the terminal (harmony format, streaming).
+
+    The reasoning streams dim, the answer plain. Type /help inside for commands
+    (/effort, /system, /reset, /save, /load, /stats, /quit). With stdin not a terminal,
+    each input line is one user message.
+
+    \b
+    Examples:
+      gptoss-mlx chat                      # openai/gpt-oss-20b, converted on first use
+      gptoss-mlx chat -m ~/models/gpt-oss-20b-mlx -r high
+      gptoss-mlx chat --tools tools.json --system "Answer in French."
+    """
+    from .repl import ChatLoop
+
+    session = session_from_options(**opts)
+    ChatLoop(session, show_reasoning=not hide_reasoning, verbose=verbose).run()

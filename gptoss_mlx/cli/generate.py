@@ -1,0 +1,153 @@
+"""`gptoss-mlx generate` (one prompt, answer on stdout) and `prompt` (the harmony prompt shown)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .main import CONTEXT_SETTINGS, handle_errors, main, model_options, session_from_options
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("request_file", metavar="[FILE|-]", default="-", type=click.File("rb"))
+@click.option("--ids", is_flag=True, help="Print token ids (a JSON list) instead of text.")
+@click.option(
+    "-m",
+    "--model",
+    type=click.Path(exists=True, file_okay=False),
+    help="Model folder whose tokenizer.json to use for --ids (default: o200k_base from "
+    "$TIKTOKEN_ENCODINGS_BASE or tiktoken's cache).",
+)
+@click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today).")
+@handle_errors
+def prompt(request_file, ids: bool, model: str | None, date: str | None) -> None:
+    """Show the harmony prompt the model would get for a chat request.
+
+    \b
+    FILE holds an OpenAI-style chat request (JSON: {"messages": [...], "tools": [...],
+    "reasoning_effort": "low"|"medium"|"high"}) or a bare list of messages; - reads stdin.
+    Example:
+      echo '[{"role": "user", "content": "Hi"}]' | gptoss-mlx prompt --date 2025-01-01
+    """
+    import json
+
+    from ..harmony.render import render_prompt, render_text
+    from ..harmony.request import load_chat_request
+    from ..harmony.tokenizer import load_default_tokenizer, load_tokenizer
+
+    name = getattr(request_file, "name", "<stdin>")
+    name = "stdin" if name in ("<stdin>", "-") else name
+    request = load_chat_request(request_file.read(), source=name)
+    if not ids:
+        click.echo(render_text(request, date=date))
+        return
+    tokenizer = load_tokenizer(model) if model else load_default_tokenizer()
+    click.echo(json.dumps(render_prompt(request, tokenizer, date=date)))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "-p", "--prompt", "prompt_text", default=None, help="The prompt (default: read stdin)."
+)
+@model_options
+@click.option("--show-reasoning", is_flag=True, help="Stream the model's reasoning to stderr.")
+@click.option("--raw", is_flag=True, help="Plain text completion of the prompt, without harmony.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object with the whole result."
+)
+@handle_errors
+def generate(
+    prompt_text, show_reasoning: bool, raw: bool, as_json: bool, verbose: bool, **opts
+) -> None:
+    """Answer one prompt: the final answer streams to stdout.
+
+    \b
+    Examples:
+      gptoss-mlx generate -p "Why is the sky blue?"
+      echo "Summarise: ..." | gptoss-mlx generate -r low
+      gptoss-mlx generate -p "Weather in Paris?" --tools tools.json --json
+      gptoss-mlx generate --raw -p "def fibonacci(n):" -t 0 -n 64
+
+    Exit status: 0 ok, 2 bad usage or input, 1 runtime failure.
+    """
+    import json as _json
+
+    from ..errors import UsageError
+
+    if prompt_text is None:
+        if sys.stdin.isatty():
+            raise UsageError("no prompt: pass -p TEXT or pipe the prompt on stdin")
+        prompt_text = sys.stdin.read()
+    if not prompt_text.strip():
+        raise UsageError("the prompt is empty")
+    session = session_from_options(**opts)
+    if raw:
+        from ..engine.generate import GenerationStats, generate_tokens
+        from ..harmony.tokenizer import StreamingDetokenizer
+
+        tok = session.tokenizer
+        stats = GenerationStats()
+        detok = StreamingDetokenizer(tok)
+        pieces = []
+        eos = (tok.special("<|endoftext|>"), tok.return_)
+        for t in generate_tokens(
+            session.model,
+            tok.encode(prompt_text),
+            max_tokens=session.max_tokens,
+            stop_ids=eos,
+            sampling=session.sampling,
+            max_context=session.max_context,
+            stats=stats,
+        ):
+            if t in eos:
+                continue  # the last token; resuming lets the engine record finish "stop"
+            piece = detok.add(t)
+            pieces.append(piece)
+            if not as_json:
+                click.echo(piece, nl=False)
+        pieces.append(detok.flush())
+        text = "".join(pieces)
+        if as_json:
+            click.echo(
+                _json.dumps(
+                    {
+                        "text": text,
+                        "finish_reason": stats.finish_reason,
+                        "usage": {
+                            "prompt_tokens": stats.prompt_tokens,
+                            "completion_tokens": stats.generation_tokens,
+                            "total_tokens": stats.prompt_tokens + stats.generation_tokens,
+                        },
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            click.echo(pieces[-1])
+        if verbose:
+            click.echo(stats.summary(), err=True)
+        return
+    from ..engine.generate import ContextLimitError
+    from .console import TurnPrinter
+
+    printer = TurnPrinter(show_reasoning=show_reasoning)
+    try:
+        result = session.send(prompt_text, None if as_json else printer)
+    except ContextLimitError as e:
+        # The prompt alone fills the context: finish like a turn that ran out of room.
+        click.echo(f"error: {e}", err=True)
+        if as_json:
+            empty = {"final": "", "reasoning": "", "tool_calls": [], "finish_reason": "length"}
+            click.echo(
+                _json.dumps({**empty, "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
+            )
+        return
+    if as_json:
+        click.echo(_json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        printer.end()
+        if result.finish_reason == "length":
+            click.echo("[stopped: max tokens or context limit reached]", err=True)
+    if verbose:
+        click.echo(result.stats.summary(), err=True)

@@ -1,0 +1,182 @@
+"""The `gptoss-mlx` click group and what its commands share: error handling and model options.
+
+Each command lives in its own module of this package and registers itself on `main`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import GptOssError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def handle_errors(fn):
+    """Turn our own errors into one line on stderr and an exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except GptOssError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            # `gptoss-mlx generate ... | head`: the reader left; stop quietly.
+            _silence_stdout()
+            sys.exit(0)
+
+    return wrapper
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def model_options(fn):
+    """Options shared by the commands that run the model."""
+    opts = [
+        click.option(
+            "-m",
+            "--model",
+            envvar="GPTOSS_MLX_MODEL",
+            default=None,
+            metavar="MODEL",
+            help="A converted folder, a Hugging Face-layout folder or a hub repo id "
+            "(converted once into $GPTOSS_MLX_HOME). [default: openai/gpt-oss-20b; env "
+            "GPTOSS_MLX_MODEL]",
+        ),
+        click.option(
+            "-r",
+            "--reasoning-effort",
+            type=click.Choice(["low", "medium", "high"]),
+            default="medium",
+            show_default=True,
+            help="How long the model thinks before answering.",
+        ),
+        click.option("--system", "system", default=None, help="Instructions for the model."),
+        click.option(
+            "--developer", default=None, help="Developer instructions (joined after --system)."
+        ),
+        click.option(
+            "--tools",
+            "tools_file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="JSON file of OpenAI function tools the model may call.",
+        ),
+        click.option(
+            "-t",
+            "--temp",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Sampling temperature; 0 is greedy.",
+        ),
+        click.option(
+            "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling."
+        ),
+        click.option(
+            "--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest (0: off)."
+        ),
+        click.option(
+            "--min-p", type=float, default=0.0, show_default=True, help="Min-p sampling (0: off)."
+        ),
+        click.option(
+            "--seed", type=int, default=None, help="Random seed for reproducible sampling."
+        ),
+        click.option(
+            "-n",
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=4096,
+            show_default=True,
+            help="Most tokens to generate per turn (reasoning included).",
+        ),
+        click.option(
+            "--max-context",
+            type=click.IntRange(min=16),
+            default=None,
+            help="Most tokens in the context (prompt + answer). [default: the model's limit]",
+        ),
+        click.option(
+            "-v", "--verbose", is_flag=True, help="Print speed and memory after each turn."
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def session_from_options(
+    model,
+    system,
+    developer,
+    tools_file,
+    reasoning_effort,
+    temp,
+    top_p,
+    top_k,
+    min_p,
+    seed,
+    max_tokens,
+    max_context,
+    **_,
+):
+    """Load the model and start a ChatSession from the shared options."""
+    from gptoss_mlx.convert.resolve import resolve_model
+
+    from ..engine.chat import ChatSession
+    from ..engine.generate import SamplingParams
+    from ..engine.runtime import load_for_inference
+    from .console import load_tools_file
+
+    sampling = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    sampling.validate()
+    tools = load_tools_file(tools_file) if tools_file else []
+    instructions = "\n\n".join(t for t in (system, developer) if t) or None
+    path = resolve_model(model)
+    mdl, tok, max_context = load_for_inference(path, max_context)
+    return ChatSession(
+        mdl,
+        tok,
+        reasoning_effort=reasoning_effort,
+        instructions=instructions,
+        tools=tools,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        max_context=max_context,
+    )
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="gptoss-mlx")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug: bool) -> None:
+    """Run OpenAI's gpt-oss-20b locally with MLX.
+
+    \b
+    Convert the Hugging Face checkpoint once:
+      gptoss-mlx convert openai/gpt-oss-20b ~/models/gpt-oss-20b-mlx
+    Chat with it:
+      gptoss-mlx chat --model ~/models/gpt-oss-20b-mlx
+    """

@@ -1,0 +1,12 @@
+"""Running the model: from token ids to streamed turns, one sequence or many.
+
+generate.py      chunked prefill, then decoding pipelined with mx.async_eval; sampling
+batching.py      continuous batching: many sequences decode together, finished slots refilled
+prompt_cache.py  KV cache reuse across turns, with checkpoints of the sliding-window layers
+chat.py          ChatSession: harmony turns streamed as events, the conversation's history
+memory.py        the memory preflight: weights + KV cache + working memory vs the device
+runtime.py       load(): model + tokenizer; load_for_inference(): preflight first
+bench.py         the measurements behind `gptoss-mlx bench`
+
+May import: gptoss_mlx.errors, model, weights, harmony. Never a front end (cli, server).
+"""

@@ -1,0 +1,346 @@
+"""Harmony turns on top of the generation engine: render a chat request, stream the model's
+channels back as events, and keep a conversation's history the way gpt-oss was trained to see it.
+
+`run_turn` is the one-shot building block (used by `generate` and `batch`); `ChatSession` is a
+conversation (used by `chat` and the library API).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..harmony.parser import (
+    ContentDelta,
+    HarmonyIds,
+    HarmonyStreamParser,
+    MessageEnd,
+    MessageStart,
+    build_result,
+    message_kind,
+)
+from ..harmony.render import check_date, render_prompt
+from ..harmony.request import EFFORTS, ChatRequest, parse_chat_request
+from .generate import GenerationStats, SamplingParams, generate_tokens
+from .prompt_cache import PromptCache
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class TurnEvent:
+    """What the model is writing, as it writes it.
+
+    kind: "reasoning" (analysis channel), "preamble" (commentary shown to the user), "final"
+    (the answer), "tool_call" (a complete call, in `tool_call`), "other" (text with no usual
+    home; shown rather than dropped).
+    """
+
+    kind: str
+    text: str = ""
+    tool_call: dict[str, Any] | None = None
+
+
+@dataclass
+class TurnResult:
+    final: str
+    reasoning: str
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    preambles: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # what the model generated
+    reused_tokens: int = 0  # prompt tokens that came from the cache instead of a prefill
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "final": self.final,
+            "reasoning": self.reasoning,
+            "tool_calls": self.tool_calls,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+        }
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The turn as an OpenAI-shaped assistant message, for the conversation's history."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.final or None}
+        if self.reasoning:
+            msg["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        return msg
+
+
+def harmony_ids(tokenizer: Any) -> HarmonyIds:
+    return HarmonyIds(
+        start=tokenizer.start,
+        end=tokenizer.end,
+        message=tokenizer.message,
+        channel=tokenizer.channel,
+        constrain=tokenizer.constrain,
+        return_=tokenizer.return_,
+        call=tokenizer.call,
+        endoftext=tokenizer.special("<|endoftext|>"),
+    )
+
+
+def run_turn(
+    model: Any,
+    tokenizer: Any,
+    prompt: Sequence[int],
+    *,
+    sampling: SamplingParams | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_context: int | None = None,
+    on_event: Callable[[TurnEvent], None] | None = None,
+    call_id_prefix: str = "call_",
+    cache: list[Any] | None = None,
+    on_prefilled: Callable[[], None] | None = None,
+) -> TurnResult:
+    """Generate one assistant turn after a harmony `prompt` ending in `<|start|>assistant`.
+
+    Stops on `<|return|>` (answer done), `<|call|>` (tool call) or `<|endoftext|>` (the third eos
+    id of gpt-oss's generation_config), never on `<|end|>`, which the model writes between its
+    analysis and its answer. With `cache`, `prompt` is only the part after what the cache holds
+    (see `generate_tokens`).
+    """
+    ids = harmony_ids(tokenizer)
+    parser = HarmonyStreamParser(tokenizer.decode_bytes, ids)
+    stats = GenerationStats()
+    kind = "final"
+    emit = on_event or (lambda _e: None)
+
+    def handle(events: list) -> None:
+        nonlocal kind
+        for ev in events:
+            if isinstance(ev, MessageStart):
+                kind = message_kind(ev)
+            elif isinstance(ev, ContentDelta) and kind != "tool_call":
+                emit(TurnEvent(kind, ev.text))
+            elif isinstance(ev, MessageEnd) and message_kind(ev.message) == "tool_call":
+                name = ev.message.recipient or ""
+                name = name.removeprefix("functions.")
+                emit(
+                    TurnEvent(
+                        "tool_call", tool_call={"name": name, "arguments": ev.message.content}
+                    )
+                )
+
+    tokens: list[int] = []
+    for token in generate_tokens(
+        model,
+        prompt,
+        max_tokens=max_tokens,
+        stop_ids=(ids.return_, ids.call, ids.endoftext),
+        sampling=sampling,
+        max_context=max_context,
+        stats=stats,
+        cache=cache,
+        on_prefilled=on_prefilled,
+    ):
+        tokens.append(token)
+        handle(parser.feed(token))
+    handle(parser.finish())
+    res = build_result(parser.messages, parser.stopped_by, id_prefix=call_id_prefix)
+    finish = res.finish_reason
+    if stats.finish_reason == "length" and parser.stopped_by is None:
+        finish = "length"
+    return TurnResult(
+        final=res.final,
+        reasoning=res.reasoning,
+        tool_calls=res.tool_calls,
+        finish_reason=finish,
+        prompt_tokens=len(prompt),
+        completion_tokens=stats.generation_tokens,
+        stats=stats,
+        preambles=list(res.preambles),
+        tokens=tokens,
+    )
+
+
+class ChatSession:
+    """A conversation with gpt-oss in harmony format.
+
+    The history is kept in the OpenAI chat shape; each turn renders it with the harmony rules
+    (a finished turn's reasoning is dropped, an open tool loop keeps it, stored answers end in
+    `<|end|>`). The date in the system message is pinned when the session starts so every turn
+    renders the same prefix.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        reasoning_effort: str = "medium",
+        instructions: str | None = None,
+        tools: Sequence[dict[str, Any]] = (),
+        sampling: SamplingParams | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_context: int | None = None,
+        date: str | None = None,
+        reuse_cache: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reasoning_effort = reasoning_effort
+        self.instructions = instructions
+        self.tools = list(tools)
+        self.sampling = sampling or SamplingParams()
+        self.max_tokens = max_tokens
+        self.max_context = max_context
+        self.date = date or _dt.date.today().isoformat()
+        self.messages: list[dict[str, Any]] = []
+        # Keeps the KV cache between turns so a turn prefills only its new tokens.
+        self.prompt_cache = PromptCache(model) if reuse_cache else None
+        self.turns = 0
+        self.last: TurnResult | None = None
+        self.request()  # validate tools and effort now, not at the first turn
+
+    def request(self, messages: list[dict[str, Any]] | None = None) -> ChatRequest:
+        """The conversation (plus pending `messages`) as a validated chat request."""
+        if self.reasoning_effort not in EFFORTS:
+            raise UsageError(f"reasoning effort must be one of {', '.join(EFFORTS)}")
+        msgs = list(self.messages if messages is None else messages)
+        if self.instructions:
+            msgs.insert(0, {"role": "developer", "content": self.instructions})
+        if not msgs:  # a request needs a message; validation of an empty session
+            msgs = [{"role": "user", "content": ""}]
+        return parse_chat_request(
+            {"messages": msgs, "tools": self.tools, "reasoning_effort": self.reasoning_effort}
+        )
+
+    def pending_tool_calls(self) -> list[dict[str, Any]]:
+        """Tool calls of the last assistant message that have no result yet."""
+        answered = {m.get("tool_call_id") for m in self.messages if m.get("role") == "tool"}
+        for m in reversed(self.messages):
+            if m.get("role") == "assistant":
+                return [c for c in m.get("tool_calls") or [] if c.get("id") not in answered]
+            if m.get("role") == "user":
+                return []
+        return []
+
+    def _run(
+        self, new: list[dict[str, Any]], on_event: Callable[[TurnEvent], None] | None
+    ) -> TurnResult:
+        msgs = self.messages + new
+        prompt = render_prompt(self.request(msgs), self.tokenizer, date=self.date)
+        pc = self.prompt_cache
+        reused = pc.prepare(prompt) if pc is not None else 0
+        result = run_turn(
+            self.model,
+            self.tokenizer,
+            prompt[reused:],
+            sampling=self.sampling,
+            max_tokens=self.max_tokens,
+            max_context=self.max_context,
+            on_event=on_event,
+            call_id_prefix=f"call_{self.turns}_",
+            cache=pc.cache if pc is not None else None,
+            on_prefilled=(lambda: pc.checkpoint(prompt)) if pc is not None else None,
+        )
+        if pc is not None:
+            pc.record(result.tokens)
+        result.prompt_tokens = len(prompt)
+        result.reused_tokens = reused
+        # Only a turn that ran to its end joins the history (Ctrl-C leaves it as it was).
+        self.messages = msgs + [result.assistant_message()]
+        self.turns += 1
+        self.last = result
+        return result
+
+    def send(self, text: str, on_event: Callable[[TurnEvent], None] | None = None) -> TurnResult:
+        """Add a user message and generate the assistant's turn."""
+        return self._run([{"role": "user", "content": text}], on_event)
+
+    def send_tool_results(
+        self,
+        results: Sequence[tuple[dict[str, Any], str]],
+        on_event: Callable[[TurnEvent], None] | None = None,
+    ) -> TurnResult:
+        """Answer tool calls with `(call, result text)` pairs and let the model continue."""
+        new = [
+            {
+                "role": "tool",
+                "tool_call_id": call.get("id"),
+                "name": call["function"]["name"],
+                "content": content,
+            }
+            for call, content in results
+        ]
+        return self._run(new, on_event)
+
+    def reset(self) -> None:
+        if self.prompt_cache is not None:
+            self.prompt_cache.reset()
+        self.messages = []
+        self.turns = 0
+        self.last = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "gptoss-mlx-chat",
+            "version": 1,
+            "date": self.date,
+            "reasoning_effort": self.reasoning_effort,
+            "instructions": self.instructions,
+            "tools": self.tools,
+            "messages": self.messages,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the conversation as JSON (atomically: a crash never leaves half a file)."""
+        path = Path(path).expanduser()
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(
+                json.dumps(self.to_json(), ensure_ascii=False, indent=1), encoding="utf-8"
+            )
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"{path}: cannot save ({e.strerror})") from None
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation by one saved with `save` (or any chat request JSON)."""
+        path = Path(path).expanduser()
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{path}: not found") from None
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
+            raise UsageError(f"{path}: not a saved chat ({e})") from None
+        if isinstance(obj, list):
+            obj = {"messages": obj}
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}: not a saved chat (expected a JSON object)")
+        messages = obj.get("messages") or []
+        old = (self.messages, self.reasoning_effort, self.instructions, self.tools, self.date)
+        self.messages = messages
+        self.reasoning_effort = obj.get("reasoning_effort") or self.reasoning_effort
+        self.instructions = obj.get("instructions", self.instructions)
+        # A saved chat restores its own tools (even none); a bare message list keeps the current.
+        self.tools = obj.get("tools", self.tools) or []
+        self.date = obj.get("date") or self.date
+        try:
+            check_date(self.date)  # rendered only at the next turn: check it now
+            self.request()
+        except UsageError as e:
+            self.messages, self.reasoning_effort, self.instructions, self.tools, self.date = old
+            raise UsageError(f"{path}: {e}") from None
+        self.turns = sum(1 for m in messages if m.get("role") == "assistant")
