@@ -2,12 +2,13 @@
 
 All output goes to a hidden temporary folder beside OUT that is renamed into place only when every
 file is written and fsynced. Errors, Ctrl-C and SIGTERM remove it; leftovers of dead processes are
-removed by the next run for the same OUT.
+removed by the next run for the same OUT (when they hold nothing but files convert writes).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from . import download as hub
 from .recipes import check_dtype, get_recipe, plan_jobs, quantization_config
 from .source import Source, SourceTensor, expected_tensors, open_source
 from .writer import (
+    FORMAT,
+    FORMAT_VERSION,
     INDEX_NAME,
     MANIFEST_NAME,
     FolderWriter,
@@ -105,37 +108,137 @@ def clean_stale(out: Path) -> list[Path]:
         return removed
     for p in out.parent.iterdir():
         m = pat.fullmatch(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if (
+            m
+            and int(m.group(1)) != os.getpid()
+            and not _pid_alive(int(m.group(1)))
+            and not p.is_symlink()
+            and p.is_dir()
+            # half-written or half-removed: only files convert() writes, so nobody else's
+            and _only_our_files(p) is None
+        ):
             remove_tree(p)
             removed.append(p)
     return removed
 
 
-def _looks_converted(path: Path) -> bool:
-    """Only folders we (or mlx-lm) could have written may be replaced by --force."""
-    if not path.is_dir():
-        return False
-    names = {p.name for p in path.iterdir()}
-    if not names:
-        return True
-    return MANIFEST_NAME in names or (
-        "config.json" in names and any(n.endswith(".safetensors") for n in names)
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_MAX_MANIFEST_BYTES = 1 << 20  # ours are a few KB; never read a stranger's big file
+
+
+def written_by_convert(name: str) -> bool:
+    """A file name convert() writes into OUT (shards, index, config, manifest, copied files)."""
+    return (
+        bool(_SHARD_RE.fullmatch(name))
+        or name in (INDEX_NAME, "config.json", MANIFEST_NAME, *EXTRA_FILES)
+        or (name.startswith("tokenizer") and "/" not in name)
     )
 
 
-def _check_target(out: Path, force: bool, src_dir: Path | None) -> None:
+def _only_our_files(path: Path) -> str | None:
+    """Why `path` holds something convert() never writes (None: only regular files it writes)."""
+    try:
+        entries = list(path.iterdir())
+    except OSError as e:
+        return f"cannot list it ({e.strerror or e})"
+    for p in sorted(entries):
+        if p.is_symlink():
+            return f"{p.name} in it is a symbolic link"
+        if p.is_dir():
+            return f"{p.name} in it is a folder"
+        if not p.is_file():
+            return f"{p.name} in it is not a regular file"
+        if not written_by_convert(p.name):
+            return f"{p.name} in it is not a file gptoss-mlx convert writes"
+    return None
+
+
+def not_ours(path: Path) -> str | None:
+    """None if `path` is provably a folder convert() wrote, else the reason it is not.
+
+    Provably ours: a real folder (not a link) whose manifest.json is our format and lists exactly
+    the files present (no extra ones, no missing ones), all regular files with names convert()
+    writes. An empty folder also qualifies: replacing it loses nothing. Only such folders are
+    ever replaced (--force) or removed.
+    """
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is not a folder"
+    why = _only_our_files(path)
+    if why is not None:
+        return why
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return None
+    if MANIFEST_NAME not in names:
+        return f"it has no {MANIFEST_NAME}"
+    manifest = path / MANIFEST_NAME
+    try:
+        if manifest.stat().st_size > _MAX_MANIFEST_BYTES:
+            return f"its {MANIFEST_NAME} is not a gptoss-mlx manifest"
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return f"its {MANIFEST_NAME} is not a gptoss-mlx manifest"
+    if (
+        not isinstance(m, dict)
+        or m.get("format") != FORMAT
+        or m.get("format_version") != FORMAT_VERSION
+        or not isinstance(m.get("files"), dict)
+    ):
+        return f"its {MANIFEST_NAME} is not a gptoss-mlx manifest"
+    listed = set(m["files"])
+    present = names - {MANIFEST_NAME}
+    if present - listed:
+        return f"{sorted(present - listed)[0]} is not in its {MANIFEST_NAME}"
+    if listed - present:
+        return f"{sorted(listed - present)[0]}, listed in its {MANIFEST_NAME}, is missing"
+    return None
+
+
+def _path_through_a_file(out: Path) -> Path | None:
+    """The first part of `out` (or `out`'s parent chain) that exists but is not a folder."""
+    for part in reversed(out.parents):
+        if part.exists() and not part.is_dir():
+            return part
+        if not part.exists():
+            return None
+    return None
+
+
+def _refuse_unless_ours(out: Path) -> None:
+    why = not_ours(out)
+    if why is not None:
+        raise UsageError(
+            f"{out} is not a folder gptoss-mlx convert wrote ({why}); refusing to replace it "
+            "even with --force: remove it yourself or choose another OUT"
+        )
+
+
+def _check_target(out: Path, force: bool, src_dirs: list[Path]) -> None:
+    """Refuse an OUT that is (in) the source, runs through a file, or may not be replaced."""
+    blocker = _path_through_a_file(out)
+    if blocker is not None:
+        raise UsageError(
+            f"{out}: {blocker} is a file, not a folder; choose an output path inside a folder"
+        )
+    b = out.resolve()
+    for src_dir in src_dirs:
+        a = src_dir.resolve()
+        if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+            raise UsageError(
+                f"{out}: the output folder must not be, contain or be inside the source folder "
+                f"{src_dir}; choose another OUT"
+            )
     if out.exists() or out.is_symlink():
         if not force:
+            if out.is_symlink() or not out.is_dir():
+                raise UsageError(
+                    f"{out} exists and is not a folder; choose another OUT (--force will not "
+                    "replace it)"
+                )
             raise UsageError(f"{out} already exists; pass --force to replace it")
-        if not _looks_converted(out):
-            raise UsageError(
-                f"{out} exists and does not look like a converted model folder; "
-                "refusing to replace it even with --force"
-            )
-    if src_dir is not None:
-        a, b = src_dir.resolve(), out.resolve()
-        if a == b or a.is_relative_to(b) or b.is_relative_to(a):
-            raise UsageError(f"{out}: the output folder must not be or contain the source folder")
+        _refuse_unless_ours(out)
 
 
 def _check_space(parent: Path, need: int) -> None:
@@ -225,7 +328,8 @@ def convert(
     (e.g. "openai/gpt-oss-20b", downloaded with huggingface_hub; `revision` pins a branch/tag/sha).
     recipe: "mxfp4-q8" (default), "mxfp4-q4" or "mxfp4-bf16" (see recipes.RECIPES).
     dtype: "bfloat16" or "float32" for unquantized tensors and affine scales/biases.
-    force: replace an existing converted folder at `out` (only after the new one is complete).
+    force: replace an existing folder at `out` that convert() wrote (its manifest lists exactly
+        the files in it; see not_ours) or an empty one, only after the new one is complete.
     progress: show a progress bar and a summary on stderr.
 
     Raises GptOssError subclasses for user-caused problems; on any failure nothing is left at `out`.
@@ -237,10 +341,10 @@ def convert(
         raise UsageError("shard size must be positive")
     out = Path(out).expanduser().absolute()
     local = Path(str(src)).expanduser()
-    _check_target(out, force, local if local.exists() else None)
+    _check_target(out, force, [local] if local.exists() else [])
 
     with _resolve_source(src, revision) as source:
-        _check_target(out, force, source.weights_dir)
+        _check_target(out, force, [source.weights_dir, source.extras_dir])
         jobs = plan_jobs(source.cfg, source.tensors, rec, dtype)
         specs = [s for job in jobs for s in job.specs]
         shards = plan_shards(specs, shard_size)
@@ -257,12 +361,19 @@ def convert(
         config = _output_config(source, rec.name, dtype)
 
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        made: list[Path] = []  # [tmp] once this run created it: only then is it ours to remove
         try:
             with _terminate_as_interrupt():
                 try:
                     tmp.mkdir()
+                except FileExistsError:
+                    raise GptOssError(
+                        f"{tmp}: in the way of the temporary folder this conversion needs; move "
+                        "it away"
+                    ) from None
                 except OSError as e:
                     raise GptOssError(f"{out.parent}: cannot write here ({e.strerror})") from None
+                made.append(tmp)
                 folder = FolderWriter(tmp)
                 writer = ShardedWriter(folder, shards)
                 bar = _progress(sum(s.nbytes for s in specs), progress)
@@ -281,16 +392,18 @@ def convert(
                     folder.copy_in(p)
                 folder.write_manifest()
                 fsync_dir(tmp)
-                _move_into_place(tmp, out)
+                _move_into_place(tmp, out, force)
         except OSError as e:
             with _signals_ignored():
-                remove_tree(tmp)
+                for p in made:
+                    remove_tree(p)
             if e.errno == errno.ENOSPC:
                 raise GptOssError(f"{out.parent}: disk full while writing the output") from None
             raise GptOssError(f"{e.filename or out.parent}: {e.strerror or e}") from None
         except BaseException:
             with _signals_ignored():
-                remove_tree(tmp)
+                for p in made:
+                    remove_tree(p)
             raise
 
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
@@ -322,10 +435,14 @@ def _extra_files(folder: Path) -> list[Path]:
     return [folder / n for n in sorted(names)]
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished folder to `out`; an old `out` is moved aside first, then removed."""
     old = None
     if out.exists() or out.is_symlink():
+        # Checked again: OUT may have appeared or changed while the conversion ran.
+        if not force:
+            raise UsageError(f"{out} already exists; pass --force to replace it")
+        _refuse_unless_ours(out)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     try:
@@ -336,10 +453,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         raise
     fsync_dir(out.parent)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            remove_tree(old)
-        else:
-            old.unlink()
+        remove_tree(old)
 
 
 def estimate_output_size(

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import start_slow_convert
+from conftest import make_tiny_config, start_slow_convert
 from gptoss_mlx.cli import main as cli_main
 from gptoss_mlx.convert import convert as convert_mod
 from gptoss_mlx.convert.convert import (
@@ -651,7 +651,7 @@ def test_force_refuses_folders_that_are_not_models(tmp_path, tiny_hf_checkpoint)
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(UsageError, match="does not look like"):
+    with pytest.raises(UsageError, match="is not a folder gptoss-mlx convert wrote"):
         convert(tiny_hf_checkpoint, precious, force=True, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
     with pytest.raises(UsageError, match="source"):
@@ -719,11 +719,24 @@ def test_not_enough_disk_space(tmp_path, tiny_hf_checkpoint, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_unwritable_target(tmp_path, tiny_hf_checkpoint):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(GptOssError, match="cannot create the output folder"):
-        convert(tiny_hf_checkpoint, blocker / "o", progress=False)
+def test_unwritable_target(tmp_path, tiny_hf_checkpoint, monkeypatch):
+    """OUT's parent cannot be created (a file in the path: see test_out_through_a_plain_file...)."""
+    import errno
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as the kernel answers anyone but root in a 0o555 folder
+        if Path(path).parent == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(
+        GptOssError, match=r"locked/sub: cannot create the output folder \(Permission denied\)"
+    ):
+        convert(tiny_hf_checkpoint, locked / "sub" / "o", progress=False)
 
 
 def test_small_shard_size_splits_and_loads(tmp_path, tiny_hf_checkpoint):
@@ -885,3 +898,365 @@ def test_mlx_lm_loads_converted_folder(tmp_path, tiny_hf_checkpoint, recipe):
     experts = model.model.layers[0].mlp.experts.gate_proj
     assert type(experts).__name__ == "QuantizedSwitchLinear" and experts.mode == "mxfp4"
     assert type(model.model.layers[0].mlp.router).__name__ == "Linear"
+
+
+# ---------------------------------------------------------------- --force replaces only our folders
+
+
+def tree_of(root: Path) -> dict[str, object]:
+    """Every entry under `root` (links not followed): file bytes, link targets, folders."""
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted_tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny HF checkpoint, its conversion), shared: tests copy the conversion before changing it."""
+    root = tmp_path_factory.mktemp("converted")
+    src = write_hf_checkpoint(root / "hf", make_tiny_config(num_hidden_layers=2), seed=1)
+    return src, convert(src, root / "mlx", progress=False).out
+
+
+def _converted_copy(converted_tiny, out: Path) -> Path:
+    import shutil
+
+    shutil.copytree(converted_tiny[1], out)
+    return out
+
+
+def _web_app(out: Path, converted_tiny) -> Path:  # the issue's repro
+    (out / "src").mkdir(parents=True)
+    (out / "manifest.json").write_text('{"name": "pwa"}')
+    (out / "src" / "app.js").write_text("code")
+    return out
+
+
+def _other_checkpoint(out: Path, converted_tiny) -> Path:
+    import shutil
+
+    shutil.copytree(converted_tiny[0], out)
+    (out / "original").mkdir()
+    (out / "original" / "model.safetensors").write_bytes(b"weights")
+    (out / "notes.txt").write_text("keep me")
+    return out
+
+
+def _config_and_safetensors(out: Path, converted_tiny) -> Path:  # what --force used to accept
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "mine.safetensors").write_bytes(b"data")
+    return out
+
+
+def _ours_plus_a_note(out: Path, converted_tiny) -> Path:
+    (_converted_copy(converted_tiny, out) / "notes.txt").write_text("keep me")
+    return out
+
+
+def _ours_plus_a_subfolder(out: Path, converted_tiny) -> Path:
+    (_converted_copy(converted_tiny, out) / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("keep me")
+    return out
+
+
+def _ours_missing_a_file(out: Path, converted_tiny) -> Path:
+    (_converted_copy(converted_tiny, out) / "tokenizer.json").unlink()
+    return out
+
+
+def _ours_with_another_manifest(out: Path, converted_tiny) -> Path:
+    m = _converted_copy(converted_tiny, out) / "manifest.json"
+    m.write_text(json.dumps({**json.loads(m.read_text()), "format": "something-else"}))
+    return out
+
+
+def _link_to_ours(out: Path, converted_tiny) -> Path:
+    out.symlink_to(converted_tiny[1], target_is_directory=True)
+    return out
+
+
+def _plain_file(out: Path, converted_tiny) -> Path:
+    out.write_text("keep me")
+    return out
+
+
+NOT_OURS = {
+    "web app with a manifest.json": (_web_app, "(src in it is a folder)"),
+    "another checkpoint with original/ and notes": (
+        _other_checkpoint,
+        "model.safetensors in it is not",
+    ),
+    "config.json and a .safetensors": (_config_and_safetensors, "mine.safetensors in it"),
+    "converted folder plus notes.txt": (_ours_plus_a_note, "notes.txt in it is not a file"),
+    "converted folder plus a subfolder": (_ours_plus_a_subfolder, "runs in it is a folder"),
+    "converted folder missing a listed file": (_ours_missing_a_file, "tokenizer.json, listed"),
+    "manifest of another format": (_ours_with_another_manifest, "not a gptoss-mlx manifest"),
+    "link to a converted folder": (_link_to_ours, "symbolic link"),
+    "plain file": (_plain_file, "it is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_OURS))
+def test_force_never_replaces_what_convert_did_not_write(tmp_path, converted_tiny, case):
+    build, why = NOT_OURS[case]
+    out = build(tmp_path / "w", converted_tiny)
+    before, beside = tree_of(tmp_path), sorted(p.name for p in tmp_path.iterdir())
+    res = CliRunner().invoke(
+        cli_main, ["convert", str(converted_tiny[0]), str(out), "--force", "-q"]
+    )
+    assert res.exit_code == 2, res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out} is not a folder gptoss-mlx")
+    assert why in lines[0] and "remove it yourself or choose another OUT" in lines[0]
+    assert tree_of(tmp_path) == before  # nothing touched, no temporary folder left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == beside
+    if out.is_symlink():
+        assert tree_of(converted_tiny[1]) == tree_of(tmp_path / "w")  # the link's target intact
+
+
+def test_force_replaces_our_folder_and_an_empty_one(tmp_path, converted_tiny):
+    src = converted_tiny[0]
+    ours = _converted_copy(converted_tiny, tmp_path / "ours")
+    res = convert(src, ours, recipe="mxfp4-q4", force=True, progress=False)
+    assert json.loads((res.out / "config.json").read_text())["gptoss_mlx"]["recipe"] == "mxfp4-q4"
+    (tmp_path / "empty").mkdir()
+    convert(src, tmp_path / "empty", force=True, progress=False)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "ours"]
+
+
+def test_force_rechecks_out_when_the_conversion_ends(tmp_path, converted_tiny, monkeypatch):
+    """A notes file saved into OUT while the conversion runs: OUT is no longer ours, so kept."""
+    out = _converted_copy(converted_tiny, tmp_path / "o")
+    real = SafetensorsWriter.write
+
+    def write(self, name, data):
+        (out / "notes.txt").write_text("written meanwhile")
+        return real(self, name, data)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", write)
+    with pytest.raises(UsageError, match="notes.txt in it is not a file gptoss-mlx convert writes"):
+        convert(converted_tiny[0], out, recipe="mxfp4-q4", force=True, progress=False)
+    assert (out / "notes.txt").read_text() == "written meanwhile"
+    assert json.loads((out / "config.json").read_text())["gptoss_mlx"]["recipe"] == "mxfp4-q8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_out_must_not_be_contain_or_be_inside_the_source(tmp_path, tiny_cfg):
+    hf = write_hf_checkpoint(tmp_path / "hf", tiny_cfg)
+    before = tree_of(tmp_path)
+    for out in (hf, hf / "o", tmp_path):
+        for force in (False, True):
+            with pytest.raises(UsageError, match=r"must not be, contain or be inside the source"):
+                convert(hf, out, force=force, progress=False)
+    # A Hugging Face folder holding only original/ (read from there): the top folder counts too.
+    for p in hf.glob("model*"):
+        p.unlink()
+    write_original_checkpoint(hf / "original", tiny_cfg)
+    before = tree_of(tmp_path)
+    with pytest.raises(UsageError, match="inside the source folder"):
+        convert(hf, hf / "mlx", progress=False)
+    with pytest.raises(UsageError, match="inside the source folder"):
+        convert(hf / "original", hf, force=True, progress=False)
+    assert tree_of(tmp_path) == before
+
+
+def test_stale_cleanup_removes_only_our_leftovers(tmp_path):
+    """Leftovers of dead conversions are removed only if they hold nothing but files we write."""
+    dead = []
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, "-c", "pass"])
+        p.wait()
+        dead.append(p.pid)
+    ours = tmp_path / f".o.partial-{dead[0]}"
+    ours.mkdir()
+    (ours / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    (ours / "tokenizer.json").write_text("{}")
+    theirs = tmp_path / f".o.old-{dead[0]}"  # named like ours, but holding a user's file
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    nested = tmp_path / f".o.partial-{dead[1]}"
+    (nested / "sub").mkdir(parents=True)
+    link = tmp_path / f".o.old-{dead[2]}"
+    link.symlink_to(ours, target_is_directory=True)
+    assert clean_stale(tmp_path / "o") == [ours]
+    assert (theirs / "notes.txt").read_text() == "keep me"
+    assert (nested / "sub").is_dir() and link.is_symlink()
+
+
+@pytest.mark.parametrize("below", ["o", "o/deeper"])
+def test_out_through_a_plain_file_names_the_file(tmp_path, tiny_hf_checkpoint, below):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / below
+    res = CliRunner().invoke(cli_main, ["convert", str(tiny_hf_checkpoint), str(out), "-q"])
+    assert res.exit_code == 2
+    assert res.output == (
+        f"error: {out}: {blocker} is a file, not a folder; choose an output path inside a folder\n"
+    )
+    assert blocker.read_text() == "x"
+    res = CliRunner().invoke(cli_main, ["convert", str(tiny_hf_checkpoint), str(blocker), "-q"])
+    assert res.exit_code == 2 and "exists and is not a folder" in res.output
+    assert blocker.read_text() == "x"
+
+
+# ---------------------------------------------------------------- NaN / inf in float tensors
+
+
+def _poke(folder: Path, tensor: str, index: tuple[int, ...], value: bytes) -> Path:
+    """Overwrite one element of `tensor` in whichever .safetensors file of `folder` holds it."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        with SafetensorsFile(shard) as f:
+            if tensor not in f.tensors:
+                continue
+            info = f.info(tensor)
+        flat = int(np.ravel_multi_index(index, info.shape))
+        offset = info.begin + flat * len(value)
+        data = bytearray(shard.read_bytes())
+        data[offset : offset + len(value)] = value
+        shard.write_bytes(bytes(data))
+        return shard
+    raise AssertionError(f"{tensor} not found in {folder}")
+
+
+NAN_BF16, INF_BF16, NEG_INF_BF16 = b"\xff\xff", b"\x80\x7f", b"\x80\xff"
+NON_FINITE = {
+    "lm_head NaN (0xFF bytes), q8": ("lm_head.weight", (7, 3), NAN_BF16, "mxfp4-q8"),
+    "embedding inf, bf16": ("model.embed_tokens.weight", (1000, 63), INF_BF16, "mxfp4-bf16"),
+    "attention bias -inf, q4": (
+        "model.layers.2.self_attn.k_proj.bias",
+        (5,),
+        NEG_INF_BF16,
+        "mxfp4-q4",
+    ),
+    "sinks NaN": ("model.layers.1.self_attn.sinks", (0,), NAN_BF16, "mxfp4-q8"),
+    "norm inf": ("model.norm.weight", (2,), INF_BF16, "mxfp4-q8"),
+    "expert bias NaN": (
+        "model.layers.0.mlp.experts.gate_up_proj_bias",
+        (3, 17),
+        NAN_BF16,
+        "mxfp4-q8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_nan_or_inf_in_a_float_tensor_is_refused(tmp_path, tiny_hf_checkpoint, case):
+    name, index, value, recipe = NON_FINITE[case]
+    shard = _poke(tiny_hf_checkpoint, name, index, value)
+    with pytest.raises(CheckpointError) as e:
+        convert(tiny_hf_checkpoint, tmp_path / "o", recipe=recipe, progress=False)
+    assert str(e.value) == (
+        f"{shard}: tensor {name!r} has a NaN or inf value at {list(index)}; the checkpoint is "
+        "corrupt, download it again"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no OUT, no partial folder
+
+
+def test_nan_dense_weights_through_the_cli(tmp_path, tiny_hf_checkpoint):
+    """The issue's repro: 0xFF bytes in lm_head.weight, default (q8) recipe."""
+    shard = _poke(tiny_hf_checkpoint, "lm_head.weight", (0, 0), NAN_BF16 * 4)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli_main, ["convert", str(tiny_hf_checkpoint), str(out), "-q"])
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"error: {shard}: tensor 'lm_head.weight' has a NaN or inf value at [0, 0]; the "
+        "checkpoint is corrupt, download it again"
+    ]
+    assert not out.exists()
+
+
+def test_nan_in_float32_and_original_layout_sources(tmp_path, tiny_cfg):
+    src = write_hf_checkpoint(tmp_path / "f32", tiny_cfg, dtype="float32")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    _poke(src, name, (4, 9), np.float32(np.inf).tobytes())
+    with pytest.raises(CheckpointError, match=rf"'{name}' has a NaN or inf value at \[4, 9\]"):
+        convert(src, tmp_path / "o", recipe="mxfp4-bf16", progress=False)
+    # original/: q, k and v are rows of one stored qkv tensor; the position is in that tensor.
+    orig = write_original_checkpoint(tmp_path / "orig", tiny_cfg)
+    q_rows = tiny_cfg.num_attention_heads * tiny_cfg.head_dim
+    _poke(orig, "block.2.attn.qkv.weight", (q_rows + 3, 1), NAN_BF16)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"'block\.2\.attn\.qkv\.weight' has a NaN or inf value at \[{q_rows + 3}, 1\]",
+    ):
+        convert(orig, tmp_path / "o", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32", "orig"]
+
+
+def test_check_finite_flags_exactly_nan_and_inf():
+    from gptoss_mlx.convert.recipes import check_finite
+    from gptoss_mlx.convert.source import SourceTensor
+
+    class FakeFile:
+        path = Path("x.safetensors")
+
+    t = SourceTensor("t", "BF16", (8,), FakeFile(), "t")
+    finite = [0x0000, 0x8000, 0x0001, 0x7F7F, 0xFF7F, 0x3F80, 0x807F]  # ±0, tiny, ±max, 1
+    check_finite(np.array(finite, np.uint16), t)
+    for bits in (0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFFF):
+        with pytest.raises(CheckpointError, match=r"at \[1\]"):
+            check_finite(np.array([0x3F80, bits], np.uint16), t)
+    t32 = SourceTensor("t", "F32", (3,), FakeFile(), "t")
+    check_finite(np.array([0.0, np.finfo(np.float32).max, -1e-45], np.float32), t32)
+    with pytest.raises(CheckpointError, match=r"at \[2\]"):
+        check_finite(np.array([0.0, 1.0, np.nan], np.float32), t32)
+
+
+# ---------------------------------------------------------------- already converted folders
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4-q8", "mxfp4-bf16"])
+def test_converting_our_converted_folder_says_use_it(tmp_path, tiny_hf_checkpoint, recipe):
+    m = convert(tiny_hf_checkpoint, tmp_path / "m", recipe=recipe, progress=False).out
+    res = CliRunner().invoke(cli_main, ["convert", str(m), str(tmp_path / "again"), "-q"])
+    assert res.exit_code == 2
+    assert res.output == f"error: {m} is already a converted MLX folder; use it with -m\n"
+    # Even with its config.json stripped of every MLX hint, the tensor names give it away.
+    cfg = json.loads((m / "config.json").read_text())
+    for key in ("quantization", "quantization_config", "gptoss_mlx"):
+        cfg.pop(key)
+    (m / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="is already a converted MLX folder; use it with -m"):
+        convert(m, tmp_path / "again", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m"]
+
+
+@pytest.mark.parametrize("hints", ["config as written", "config without quantization"])
+def test_converting_an_mlx_lm_folder_says_what_it_is(tmp_path, hints):
+    mlx_lm_convert = pytest.importorskip("mlx_lm").convert
+    src = write_hf_checkpoint(tmp_path / "hf", make_tiny_config(num_hidden_layers=2))
+    lm = tmp_path / "lm"
+    mlx_lm_convert(hf_path=str(src), mlx_path=str(lm), quantize=True, q_bits=8)
+    with SafetensorsFile(next(lm.glob("*.safetensors"))) as f:
+        assert "model.embed_tokens.scales" in f.tensors
+    if hints == "config without quantization":
+        cfg = json.loads((lm / "config.json").read_text())
+        cfg.pop("quantization"), cfg.pop("quantization_config")
+        (lm / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError) as e:
+        convert(lm, tmp_path / "o", progress=False)
+    assert str(e.value) == (
+        f"{lm} is already a converted MLX folder, but not one gptoss-mlx wrote (no gptoss-mlx "
+        "manifest.json); convert the original checkpoint (e.g. openai/gpt-oss-20b) instead"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_named_like_our_temporary_one_is_never_removed(tmp_path, tiny_hf_checkpoint):
+    """The temporary folder is removed on failure only if this run created it."""
+    squatter = tmp_path / f".o.partial-{os.getpid()}"
+    squatter.mkdir()
+    (squatter / "notes.txt").write_text("keep me")
+    with pytest.raises(GptOssError, match=f"{squatter}: in the way of the temporary folder"):
+        convert(tiny_hf_checkpoint, tmp_path / "o", progress=False)
+    assert (squatter / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "o").exists()
