@@ -26,7 +26,6 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from conftest import convert_chat_model, make_tiny_config, start_slow_convert
-from gptoss_mlx import loading
 from gptoss_mlx.cli import main
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.safetensors_io import SafetensorsFile, write_tensors
@@ -34,6 +33,7 @@ from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.errors import CheckpointError, ConfigError
 from gptoss_mlx.model.config import ModelConfig
 from gptoss_mlx.model.transformer import GptOss
+from gptoss_mlx.weights import loading
 from gptoss_mlx.weights.layout import expected_weights
 from gptoss_mlx.weights.loading import inspect_folder, load_model
 from vocabs import REAL_VOCAB, needs_real_vocab
