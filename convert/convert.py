@@ -24,6 +24,7 @@ from pathlib import Path
 from gptoss_mlx import __version__
 from gptoss_mlx.errors import GptOssError, UsageError
 from gptoss_mlx.model.config import ModelConfig
+from gptoss_mlx.progress import progress_bar
 
 from . import download as hub
 from .recipes import check_dtype, get_recipe, plan_jobs, quantization_config
@@ -297,21 +298,6 @@ def _resolve_source(src: str | Path, revision: str | None) -> Source:
     return open_source(folder, source_id=text, revision=sha)
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="converting",
-        disable=not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-
-
 def convert(
     src: str | Path,
     out: str | Path,
@@ -376,7 +362,9 @@ def convert(
                 made.append(tmp)
                 folder = FolderWriter(tmp)
                 writer = ShardedWriter(folder, shards)
-                bar = _progress(sum(s.nbytes for s in specs), progress)
+                bar = progress_bar(
+                    sum(s.nbytes for s in specs), "converting", enabled=progress, in_bytes=True
+                )
                 try:
                     for job in jobs:
                         for name, data in job.produce():
