@@ -24,7 +24,7 @@ the same stream as a seeded `generate`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
 
 from ..errors import GptOssError, UsageError
-from .generate import SamplingParams, prefill
+from .generate import NonFiniteLogitsError, SamplingParams, prefill
 
 # The error of a sequence whose logits went NaN or infinite (where `generate` would raise
 # NonFiniteLogitsError); only that sequence ends.
@@ -48,7 +48,12 @@ HARMONY_STOP_IDS = (200002, 200012)
 @dataclass
 class BatchRequest:
     """One prompt to complete. `id` defaults to the request's index in the input order;
-    `stop_ids` and `max_context` default to the engine's."""
+    `stop_ids` and `max_context` default to the engine's.
+
+    For a server (engine/scheduler.py): `on_token` is called with each generated token as the
+    host reads it (on the engine's thread), and `cancelled` is polled once per decode step: when
+    it returns True the sequence leaves the batch before the next forward pass and ends with
+    finish_reason "cancelled"."""
 
     prompt: Sequence[int]
     max_tokens: int = 256
@@ -56,13 +61,17 @@ class BatchRequest:
     id: Any = None
     stop_ids: Sequence[int] | None = None
     max_context: int | None = None
+    on_token: Callable[[int], None] | None = None
+    cancelled: Callable[[], bool] | None = None
 
 
 @dataclass
 class BatchResult:
     """A finished sequence. `finish_reason` is "stop" (a stop id, included in `tokens`),
-    "length" (max_tokens or the context limit) or "error" (then `error` says why; `tokens`
-    holds what was generated before)."""
+    "length" (max_tokens or the context limit), "cancelled" (its request's `cancelled()` said
+    so) or "error" (then `error` says why and `exception` is the error itself; `tokens` holds
+    what was generated before). `cached_tokens`: prompt tokens restored from the engine's
+    prompt store instead of prefilled."""
 
     id: Any
     tokens: list[int]
@@ -70,6 +79,8 @@ class BatchResult:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    exception: GptOssError | None = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -232,10 +243,20 @@ class _Row:
     budget: int  # tokens it may generate: max_tokens, capped by its context limit
     stop: frozenset[int]
     tokens: list[int] = field(default_factory=list)
+    on_token: Callable[[int], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+    cached_tokens: int = 0
 
-    def result(self, reason: str, error: str | None = None) -> BatchResult:
+    def result(self, reason: str, error: GptOssError | None = None) -> BatchResult:
         return BatchResult(
-            self.id, self.tokens, reason, self.prompt_tokens, len(self.tokens), error
+            self.id,
+            self.tokens,
+            reason,
+            self.prompt_tokens,
+            len(self.tokens),
+            str(error) if error is not None else None,
+            error,
+            self.cached_tokens,
         )
 
 
@@ -309,6 +330,8 @@ class BatchEngine:
         stop_ids: ids that end a sequence (and are returned with it); harmony's by default.
         max_context: the most tokens (prompt + generated) a sequence may hold, unless its
             request sets its own; the model's `max_position_embeddings` by default.
+        prompt_store: a `PromptStore` (engine/prompt_store.py) to restore the longest cached
+            prefix of each prompt from, and to keep each prompt's end in; none by default.
     """
 
     def __init__(
@@ -317,6 +340,7 @@ class BatchEngine:
         batch_size: int = 8,
         stop_ids: Sequence[int] = HARMONY_STOP_IDS,
         max_context: int | None = None,
+        prompt_store: Any = None,
     ):
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
@@ -326,10 +350,15 @@ class BatchEngine:
         self.batch_size = batch_size
         self.stop_ids = tuple(stop_ids)
         self.max_context = max_context or model.config.max_position_embeddings
+        self.prompt_store = prompt_store
         self.stats = BatchStats()
 
-    def run(self, requests: Iterable[BatchRequest]) -> Iterator[BatchResult]:
-        """Generate for every request (read lazily, as slots free up); yield each as it ends."""
+    def run(self, requests: Iterable[BatchRequest | None]) -> Iterator[BatchResult]:
+        """Generate for every request (read lazily, as slots free up); yield each as it ends.
+
+        `requests` may yield None for "none ready yet" (a server's queue): the engine then
+        decodes a step and asks again. It should do so only while sequences are running;
+        otherwise it should block until a request comes (the engine would just ask again)."""
         stats = self.stats = BatchStats()
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -339,14 +368,16 @@ class BatchEngine:
         try:
             while True:
                 joining: list[_Joining] = []
-                if not exhausted and len(batch.rows) < self.batch_size and batch.rows:
-                    # Let the step in flight finish, so that prefill timings are prefill's own.
-                    mx.eval(batch.y, batch.ok)
                 while not exhausted and len(batch.rows) + len(joining) < self.batch_size:
                     item = next(pending, None)
                     if item is None:
                         exhausted = True
                         break
+                    if item[1] is None:
+                        break
+                    if batch.rows and not joining:
+                        # Let the step in flight finish, so that prefill timings are its own.
+                        mx.eval(batch.y, batch.ok)
                     stats.requests += 1
                     started = self._start(*item)
                     if isinstance(started, BatchResult):
@@ -370,17 +401,20 @@ class BatchEngine:
         """Validate and prefill one request; an error result if it cannot run."""
         rid = req.id if req.id is not None else index
         prompt = list(req.prompt)
-        row = _Row(rid, len(prompt), 0, frozenset(self.stop_ids))
+        row = _Row(rid, len(prompt), 0, frozenset(self.stop_ids), [], req.on_token, req.cancelled)
         try:
             budget = self._budget(req, prompt)
         except GptOssError as e:
-            return row.result("error", str(e))
+            return row.result("error", e)
         if req.stop_ids is not None:
             row.stop = frozenset(req.stop_ids)
         row.budget = budget
         t0 = time.perf_counter()
-        cache = self.model.make_cache()
-        logits = prefill(self.model, prompt, cache)
+        if self.prompt_store is not None:
+            cache, logits, row.cached_tokens = self.prompt_store.prefill(self.model, prompt)
+        else:
+            cache = self.model.make_cache()
+            logits = prefill(self.model, prompt, cache)
         sampling = RowSampling.of([req.sampling])
         y, ok, sampling = self._sample(logits[None], sampling)
         mx.eval(y, ok, sampling.keys)
@@ -414,8 +448,9 @@ class BatchEngine:
         """Launch the next forward pass, then read back and hand out the previous tokens."""
         rows, y, ok = batch.rows, batch.y, batch.ok
         # A row whose pending token is its last is never fed back: no wasted work, and its
-        # caches never hold more than its context limit.
-        feed = [i for i, r in enumerate(rows) if len(r.tokens) + 1 < r.budget]
+        # caches never hold more than its context limit. A cancelled row is not fed either.
+        gone = {i for i, r in enumerate(rows) if r.cancelled is not None and r.cancelled()}
+        feed = [i for i, r in enumerate(rows) if len(r.tokens) + 1 < r.budget and i not in gone]
         batch.keep(feed)
         if feed:
             logits = self.model(batch.y[:, None], cache=batch.cache)[:, -1]  # (B, V)
@@ -428,10 +463,15 @@ class BatchEngine:
         finished = set()
         for i, row in enumerate(rows):
             reason = error = None
-            if not finite[i]:
-                reason, error = "error", _NON_FINITE
+            if i in gone:
+                reason = "cancelled"
+            elif not finite[i]:
+                reason, error = "error", NonFiniteLogitsError(_NON_FINITE)
             else:
                 row.tokens.append(tokens[i])
+                self.stats.completion_tokens += 1
+                if row.on_token is not None:
+                    row.on_token(tokens[i])
                 if tokens[i] in row.stop:
                     reason = "stop"
                 elif len(row.tokens) >= row.budget:
@@ -439,7 +479,6 @@ class BatchEngine:
             if reason is not None:
                 finished.add(i)
                 done.append(row.result(reason, error))
-        self.stats.completion_tokens += sum(finite)
         if finished:
             batch.keep([k for k, i in enumerate(feed) if i not in finished])
         yield from done

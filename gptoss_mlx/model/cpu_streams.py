@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from typing import Any
 
 import mlx.core as mx
@@ -31,7 +32,10 @@ MIN_ROWS_PER_SHARD = 512
 # Without measurements on machines with more cores, do not fan out further than this.
 MAX_THREADS = 8
 
-_streams: list[mx.Stream] = []
+# MLX streams belong to the thread that made them (using one from another thread raises "There is
+# no Stream(cpu, 1) in current thread"), so each thread keeps its own: the server's engine thread
+# runs the model that the main thread loaded and may have warmed up.
+_local = threading.local()
 
 
 def default_threads() -> int:
@@ -57,12 +61,13 @@ def default_threads() -> int:
 
 def _stream(i: int) -> mx.Stream | None:
     """Shard i's stream: shard 0 runs on the caller's stream, the others on streams of their own
-    (created once per process: each is a thread of MLX's CPU backend)."""
+    (created once per calling thread: each is a thread of MLX's CPU backend)."""
     if i == 0:
         return None
-    while len(_streams) < i:
-        _streams.append(mx.new_stream(mx.cpu))
-    return _streams[i - 1]
+    streams = _local.__dict__.setdefault("streams", [])
+    while len(streams) < i:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[i - 1]
 
 
 def _add_bias(y: mx.array, bias: mx.array, *_: object) -> mx.array:
