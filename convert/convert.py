@@ -28,6 +28,7 @@ from gptoss_mlx.progress import progress_bar
 
 from . import download as hub
 from .recipes import check_dtype, get_recipe, plan_jobs, quantization_config
+from .safetensors_io import TensorSpec
 from .source import Source, SourceTensor, expected_tensors, open_source
 from .writer import (
     FORMAT,
@@ -444,6 +445,18 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         remove_tree(old)
 
 
+def planned_tensors(
+    cfg: ModelConfig, recipe: str = "mxfp4-q8", dtype: str = "bfloat16"
+) -> list[TensorSpec]:
+    """The tensors (name, dtype, shape) a conversion of a `cfg`-shaped checkpoint writes, in
+    order, without any file: what the memory table of `gptoss-mlx info` sizes before a download."""
+    stand_ins = {
+        name: SourceTensor(name, exp.dtypes[0], exp.shape, None, name)  # never read
+        for name, exp in expected_tensors(cfg).items()
+    }
+    return [s for job in plan_jobs(cfg, stand_ins, get_recipe(recipe), dtype) for s in job.specs]
+
+
 def estimate_output_size(
     cfg: ModelConfig,
     recipe: str = "mxfp4-q8",
@@ -451,12 +464,7 @@ def estimate_output_size(
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> int:
     """Bytes of the shards a conversion of a `cfg`-shaped bf16 checkpoint writes (no files needed)."""
-    stand_ins = {
-        name: SourceTensor(name, exp.dtypes[0], exp.shape, None, name)  # never read
-        for name, exp in expected_tensors(cfg).items()
-    }
-    jobs = plan_jobs(cfg, stand_ins, get_recipe(recipe), dtype)
-    shards = plan_shards([s for job in jobs for s in job.specs], shard_size)
+    shards = plan_shards(planned_tensors(cfg, recipe, dtype), shard_size)
     return sum(shard_file_size(s) for s in shards)
 
 

@@ -297,8 +297,8 @@ def already_converted(folder: Path) -> UsageError:
     if _has_our_manifest(folder):
         return UsageError(f"{folder} is already a converted MLX folder; use it with -m")
     return UsageError(
-        f"{folder} is already a converted MLX folder, but not one gptoss-mlx wrote (no gptoss-mlx "
-        f"{MANIFEST_NAME}); convert the original checkpoint (e.g. openai/gpt-oss-20b) instead"
+        f"{folder} is already a converted MLX folder, made by mlx-lm or another tool (no "
+        f"gptoss-mlx {MANIFEST_NAME}); gptoss-mlx reads it as it is: use it with -m"
     )
 
 

@@ -31,7 +31,7 @@ import gptoss_mlx.model.transformer as model_mod
 from gptoss_mlx import load_model
 from gptoss_mlx.engine import bench
 from gptoss_mlx.model.attention import Attention
-from gptoss_mlx.model.moe import Experts, MXFP4ExpertLinear, swiglu
+from gptoss_mlx.model.moe import ExpertLinear, Experts, swiglu
 
 # --- the fused-projection experiment (not in the library: it did not pay off, see PERFORMANCE.md)
 
@@ -83,7 +83,7 @@ def fuse(model) -> None:
             att.pop(n)
         att.__class__ = FusedAttention
         ex = layer.mlp.experts
-        gu = MXFP4ExpertLinear(1, 32, 8)
+        gu = ExpertLinear(1, 32, 8)
         for n in ("weight", "scales", "bias"):
             gu[n] = mx.concatenate([ex.gate_proj[n], ex.up_proj[n]], axis=1)
         ex.gate_up_proj = gu

@@ -1245,8 +1245,8 @@ def test_converting_an_mlx_lm_folder_says_what_it_is(tmp_path, hints):
     with pytest.raises(UsageError) as e:
         convert(lm, tmp_path / "o", progress=False)
     assert str(e.value) == (
-        f"{lm} is already a converted MLX folder, but not one gptoss-mlx wrote (no gptoss-mlx "
-        "manifest.json); convert the original checkpoint (e.g. openai/gpt-oss-20b) instead"
+        f"{lm} is already a converted MLX folder, made by mlx-lm or another tool (no "
+        "gptoss-mlx manifest.json); gptoss-mlx reads it as it is: use it with -m"
     )
     assert not (tmp_path / "o").exists()
 

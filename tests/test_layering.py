@@ -151,6 +151,8 @@ def _heavy_after(*args: str, cwd: Path | None = None) -> list[str]:
         ["generate", "--top-k"],  # an argument error
         ["verify", "/nonexistent-folder"],
         ["info", "/nonexistent-folder"],
+        ["info", "openai/gpt-oss-120b"],  # the memory table from the shipped config
+        ["models"],
     ],
     ids=lambda a: " ".join(a),
 )

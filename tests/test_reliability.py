@@ -295,7 +295,7 @@ def test_layout_matches_the_converter_and_mlx_quantized_modules(tmp_path, recipe
         n: (s.shape, s.dtype) for n, s in expected.items()
     }
     model = GptOss(checked.config)
-    loading._quantize_like_checkpoint(model, checked.raw_config["quantization"], set(held))
+    loading._quantize_like_checkpoint(model, checked.schemes)
     params = dict(tree_flatten(model.parameters()))
     assert set(params) == set(expected)
     for name, spec in expected.items():
@@ -459,11 +459,11 @@ CONFIG_FAULTS = {
         lambda d: d["gptoss_mlx"].update(dtype="float16"),
         "gptoss_mlx.dtype must be bfloat16 or float32",
     ),
-    "affine experts": (
+    "unknown mode": (
         lambda d: d["quantization"].update(
-            {"model.layers.0.mlp.experts.up_proj": {"group_size": 64, "bits": 8, "mode": "affine"}}
+            {"model.layers.0.mlp.experts.up_proj": {"group_size": 32, "bits": 4, "mode": "int4"}}
         ),
-        "experts.up_proj must be mxfp4",
+        "quantization for model.layers.0.mlp.experts.up_proj (mode 'int4'",
     ),
     "7-bit quantization": (lambda d: d["quantization"].update(bits=7), "is not one MLX supports"),
 }

@@ -1,7 +1,8 @@
 """The `gptoss-mlx` command line: a front end, thin over the library.
 
 main.py         the click group, error handling, the options shared by model-running commands
-model_files.py  convert, verify, info
+model_files.py  convert, verify, info (memory_view.py prints info's table)
+models.py       models, models rm: what this machine has (convert/local_models.py)
 generate.py     generate, prompt
 chat.py         chat; repl.py is its loop, console.py its terminal output
 batch.py        batch; batch_job.py runs the JSONL job, batch_files.py reads and writes its files
@@ -12,7 +13,7 @@ May import anything below it (engine, harmony, weights, model, convert). Nothing
 Commands import their heavy modules inside the function, so `--help` loads neither MLX nor mlx-lm.
 """
 
-from . import batch, bench, chat, generate, model_files  # noqa: F401  (registers the commands)
+from . import batch, bench, chat, generate, model_files, models  # noqa: F401  (registers)
 from .main import main
 
 __all__ = ["main"]

@@ -93,7 +93,9 @@ def convert(
 def verify(folder: str) -> None:
     """Check a converted model FOLDER against its manifest (sizes and sha256 of every file).
 
-    Exits 0 when the folder is intact, 1 and one line per problem otherwise.
+    Exits 0 when the folder is intact, 1 and one line per problem otherwise. An MLX folder made
+    by mlx-lm or another tool has no manifest: its shard headers and tensors are checked against
+    its config.json, but not its files' contents.
 
     \b
     Example:
@@ -102,10 +104,23 @@ def verify(folder: str) -> None:
     from pathlib import Path
 
     from ..progress import progress_bar
-    from ..weights.loading import read_manifest
+    from ..weights.loading import MANIFEST, read_manifest
+    from ..weights.mlx_folder import inspect_mlx_folder, is_mlx_folder
     from ..weights.verify import verify_folder
 
-    files = read_manifest(Path(folder).expanduser())
+    path = Path(folder).expanduser()
+    if not (path / MANIFEST).exists() and is_mlx_folder(path):
+        # Made by mlx-lm or another tool: no manifest, so no sizes or hashes to check against.
+        checked = inspect_mlx_folder(path)
+        n = sum(len(h.tensors) for h in checked.headers.values())
+        click.echo(
+            f"{folder}: ok as far as it can be checked: an MLX folder made by mlx-lm or another "
+            f"tool has no manifest, so the contents of its files are not checked (no sha256 to "
+            f"compare with); its {len(checked.headers)} shard header(s) and {n} tensors (names, "
+            "shapes, dtypes) agree with config.json"
+        )
+        return
+    files = read_manifest(path)
     total = sum(int(m.get("size", 0)) for m in files.values())
     with progress_bar(total, "verifying", in_bytes=True) as bar:
         problems = verify_folder(folder, progress=bar.update)
@@ -121,67 +136,69 @@ def verify(folder: str) -> None:
 @click.option(
     "--batch",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Sequences decoded together (KV cache per sequence).",
+    multiple=True,
+    help="Sequences decoded together (each holds its own KV cache); repeat for several "
+    "columns of the table, e.g. --batch 1 --batch 8. [default: 1]",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @handle_errors
-def info(model: str | None, batch: int) -> None:
-    """Show a converted MODEL's recipe and size, and the memory it needs at 1k-128k context.
-
-    MODEL is a converted folder or anything --model accepts that is already in the cache.
+def info(model: str | None, batch: tuple[int, ...], as_json: bool) -> None:
+    """What MODEL is and the memory it needs, before or after downloading it.
 
     \b
-    Example:
-      gptoss-mlx info ~/models/gpt-oss-20b-mlx
+    MODEL is anything --model accepts, nothing of which is downloaded but a
+    config.json:
+      - a hub repo id: openai/gpt-oss-20b and openai/gpt-oss-120b are sized
+        from configs shipped with gptoss-mlx (offline); other repos, e.g.
+        mlx-community conversions, from their config.json alone
+      - a checkpoint folder not converted yet
+      - a converted folder (ours or an MLX conversion made by mlx-lm), or a
+        name `gptoss-mlx models` prints
+    A checkpoint is sized in each recipe `gptoss-mlx convert` offers; a
+    converted folder or an MLX conversion as it is stored.
+
+    \b
+    The table: weights + KV cache + working memory at 4k..128k tokens of
+    context for each --batch, whether it fits this device, and whether it fits
+    a Mac with 16..128 GB: "+" within macOS's default GPU limit, "w" once the
+    wired limit is raised (sudo sysctl iogpu.wired_limit_mb=N), "-" not at all.
+
+    \b
+    Examples:
+      gptoss-mlx info openai/gpt-oss-120b
+      gptoss-mlx info mlx-community/gpt-oss-20b-MXFP4-Q8 --batch 1 --batch 4
+      gptoss-mlx info ~/models/gpt-oss-20b-mlx --json
     """
-    from pathlib import Path
+    import json
 
     import mlx.core as mx
 
-    from gptoss_mlx.convert.resolve import DEFAULT_MODEL, cache_path, is_converted
-
-    from ..engine.memory import describe, plan_memory
-    from ..errors import UsageError
+    from ..engine.memory_table import locate, table_for
     from ..model.cpu_streams import THREADS_ENV, default_threads
-    from ..weights.loading import default_dtype, inspect_folder
+    from .memory_view import config_lines, folder_json, folder_lines, table_lines
 
-    spec = model or DEFAULT_MODEL
-    folder = Path(spec).expanduser()
-    if not is_converted(folder):
-        folder = cache_path(spec)
-        if not is_converted(folder):
-            raise UsageError(
-                f"{spec}: not a converted model and not in the cache; convert it first "
-                "(gptoss-mlx convert SRC OUT) or run `gptoss-mlx chat -m SRC` once"
-            )
-    checked = inspect_folder(folder)  # manifest, sizes, config, headers: one line if broken
-    files, raw, cfg = checked.files, checked.raw_config, checked.config
-    ours = raw["gptoss_mlx"]
-    src = ours.get("source") if isinstance(ours.get("source"), dict) else {}
-    dtype = default_dtype()
-    plan = plan_memory(folder, cfg, dtype)
-    size = sum(int(m["size"]) for m in files.values())
-    click.echo(f"model:      {folder}")
-    click.echo(
-        f"source:     {src.get('id')} ({src.get('layout')} layout, revision {src.get('revision')})"
-    )
-    click.echo(f"recipe:     {ours.get('recipe')} (unquantized tensors in {ours.get('dtype')})")
-    click.echo(f"on disk:    {size / 1e9:.2f} GB in {len(files)} files")
-    click.echo(
-        f"model:      {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
-        f"(top {cfg.num_experts_per_tok}), {cfg.max_position_embeddings} positions"
-    )
-    threads = ""
+    threads = default_threads()  # a bad GPTOSS_MLX_THREADS: one line before any output
+    batches = batch or (1,)
+    target = locate(model)
+    table = table_for(target, batches)
+    if as_json:
+        out = table.to_json()
+        if target.folder is not None:
+            out["folder"] = folder_json(target.folder)
+        click.echo(json.dumps(out, indent=2))
+        return
+    lines = folder_lines(target.folder) if target.folder else config_lines(target)
+    for line in lines:
+        click.echo(line)
+    split = ""
     if mx.default_device() == mx.cpu:
-        threads = f"; matmuls split across {default_threads()} CPU threads ({THREADS_ENV})"
-    click.echo(
-        f"device:     {plan.budget / 1e9:.1f} GB usable ({plan.budget_source}); activations in "
-        f"{str(dtype).rsplit('.', 1)[-1]}{threads}"
-    )
-    click.echo("memory needed:")
-    for ctx in (1024, 8192, 32768, 131072):
-        mark = "fits" if plan.fits(ctx, batch) else "does not fit"
-        click.echo(f"  {ctx // 1024:>4}k context: {describe(plan, ctx, batch)}  [{mark}]")
-    best = plan.largest_context(batch, cfg.max_position_embeddings)
-    click.echo(f"default --max-context here: {best if best else 'none fits (see above)'}")
+        split = f"; matmuls split across {threads} CPU threads ({THREADS_ENV})"
+    for line in table_lines(table, split):
+        click.echo(line)
+    if target.folder is not None:
+        for b in batches:
+            fits = [r.context for r in table.rows if r.batch == b and r.fits_here]
+            where = f" (--batch {b})" if len(batches) > 1 else ""
+            click.echo(
+                f"default --max-context here{where}: {max(fits) if fits else 'none fits (see above)'}"
+            )

@@ -8,5 +8,7 @@ memory.py        the memory preflight: weights + KV cache + working memory vs th
 runtime.py       load(): model + tokenizer; load_for_inference(): preflight first
 bench.py         the measurements behind `gptoss-mlx bench`
 
-May import: gptoss_mlx.errors, model, weights, harmony. Never a front end (cli, server).
+memory_table.py  `info`'s calculator: every recipe x context x batch, before any download
+May import: gptoss_mlx.errors, model, weights, harmony, and convert (memory_table sizes our
+recipes with the converter's own plan). Never a front end (cli, server).
 """

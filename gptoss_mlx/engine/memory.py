@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import mlx.core as mx
 
 from ..errors import GptOssError
 from ..model.config import FULL, SLIDING, ModelConfig
-from ..weights.safetensors_header import read_header
+from ..weights.loading import ConvertedFolder
+from ..weights.safetensors_header import DTYPES, read_header
 
 MAX_CONTEXT = 131072
 # Candidate defaults for --max-context, largest first.
@@ -28,15 +30,21 @@ class MemoryPreflightError(GptOssError):
     """The model and its cache will not fit in the memory this device allows."""
 
 
+def loaded_bytes(tensors: Iterable[tuple[tuple[int, ...], str]], act_itemsize: int) -> int:
+    """Bytes of (shape, safetensors dtype) tensors once loaded: floats in the activation dtype,
+    quantized payloads as stored. Shard headers, a converter's plan and a config's implied layout
+    all come through here, so their figures agree."""
+    total = 0
+    for shape, dtype in tensors:
+        item = act_itemsize if dtype in ("BF16", "F16", "F32") else DTYPES[dtype][0]
+        total += math.prod(shape) * item
+    return total
+
+
 def _tensor_bytes(folder: Path, shard: str, act_itemsize: int) -> int:
     """Bytes a shard takes once loaded: float tensors are cast to the activation dtype."""
     header = read_header(folder / shard)  # validated: a hostile header is one line, not a crash
-    total = 0
-    for t in header.tensors.values():
-        total += (
-            math.prod(t.shape) * act_itemsize if t.dtype in ("BF16", "F16", "F32") else t.nbytes
-        )
-    return total
+    return loaded_bytes(((t.shape, t.dtype) for t in header.tensors.values()), act_itemsize)
 
 
 @dataclass
@@ -83,10 +91,29 @@ def plan_memory(
 ) -> MemoryPlan:
     """Estimate the memory of the converted model in `folder` running in `dtype`."""
     folder = Path(folder)
-    item = dtype.size
     index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
     shards = sorted(set(index["weight_map"].values()))
-    weights = sum(_tensor_bytes(folder, s, item) for s in shards)
+    weights = sum(_tensor_bytes(folder, s, dtype.size) for s in shards)
+    return plan_for(cfg, weights, dtype, prefill_chunk)
+
+
+def plan_checked(folder: ConvertedFolder, dtype: mx.Dtype) -> MemoryPlan:
+    """The plan of a folder inspect_folder checked (ours or an MLX conversion by others, index or
+    not), from the shard headers it validated."""
+    tensors = ((t.shape, t.dtype) for h in folder.headers.values() for t in h.tensors.values())
+    return plan_for(folder.config, loaded_bytes(tensors, dtype.size), dtype)
+
+
+def plan_for(
+    cfg: ModelConfig,
+    weights: int,
+    dtype: mx.Dtype,
+    prefill_chunk: int = 512,
+    budget: tuple[int, str] | None = None,
+) -> MemoryPlan:
+    """The plan of a `cfg` model whose weights take `weights` bytes loaded, running in `dtype`,
+    against `budget` (bytes, description; default: this device's, see device_budget)."""
+    item = dtype.size
     per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * item  # keys and values
     n_full = cfg.layer_types.count(FULL)
     n_sliding = cfg.layer_types.count(SLIDING)
@@ -103,7 +130,7 @@ def plan_memory(
         )
     )
     working = act + 4 * cfg.vocab_size * 4 + (256 << 20)
-    budget, source = device_budget()
+    budget, source = budget or device_budget()
     return MemoryPlan(weights, n_full * per_layer_token, kv_fixed, working, budget, source)
 
 

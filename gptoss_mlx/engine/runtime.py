@@ -1,4 +1,5 @@
-"""Ready a converted folder for inference: the model, its tokenizer and the context limit.
+"""Ready a model folder (ours, or an MLX conversion made by others) for inference: the model,
+its tokenizer and the context limit.
 
 `gptoss_mlx.load` is the public entry point; the commands use `load_for_inference`, which runs the
 memory preflight before anything is loaded.
@@ -14,13 +15,16 @@ import mlx.core as mx
 from ..harmony.tokenizer import load_tokenizer
 from ..model.transformer import GptOss
 from ..weights.loading import default_dtype, inspect_folder, load_checked, load_model
-from .memory import choose_max_context, plan_memory, set_wired_limit
+from .memory import choose_max_context, plan_checked, set_wired_limit
 
 
 def load(
     path: str | Path, dtype: mx.Dtype | None = None, threads: int | None = None
 ) -> tuple[GptOss, Any]:
     """Load a converted folder: `model, tokenizer = gptoss_mlx.load(path)`.
+
+    `path` is a folder `gptoss-mlx convert` wrote, or an MLX conversion of gpt-oss made by
+    mlx_lm.convert (mlx-community's and LM Studio's downloads), read as it is.
 
     `dtype` is the activation dtype (default: float32 on MLX's CPU backend, bfloat16 on a GPU);
     `threads` as in load_model.
@@ -45,7 +49,7 @@ def load_for_inference(
     checked = inspect_folder(path)
     cfg = checked.config
     dtype = dtype or default_dtype()
-    plan = plan_memory(checked.path, cfg, dtype)
+    plan = plan_checked(checked, dtype)
     context = choose_max_context(plan, max_context, cfg.max_position_embeddings, batch)
     set_wired_limit()
     model = load_checked(checked, dtype, threads)

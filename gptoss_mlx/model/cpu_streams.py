@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UsageError
-from .moe import MXFP4ExpertLinear, add_expert_bias
+from .moe import ExpertLinear, add_expert_bias
 
 THREADS_ENV = "GPTOSS_MLX_THREADS"
 # Below this many output rows per shard the split is not worth a cross-stream hand-off (k/v
@@ -109,7 +109,7 @@ class RowShards(nn.Module):
 
 
 def split_rows(layer: nn.Module, n: int, first_stream: int = 0) -> RowShards:
-    """`layer` (Linear, QuantizedLinear or MXFP4ExpertLinear) as n shards of its output rows, on
+    """`layer` (Linear, QuantizedLinear or ExpertLinear) as n shards of its output rows, on
     CPU streams first_stream .. first_stream+n-1 (n = 1: the layer as it is, on that stream)."""
     if n == 1:
         return RowShards([layer], first_stream=first_stream)
@@ -128,7 +128,7 @@ def split_rows(layer: nn.Module, n: int, first_stream: int = 0) -> RowShards:
             else:  # experts [E, out, in]: a strided slice, copied to be contiguous for the kernel
                 part[name] = mx.contiguous(a[:, lo:hi])
         parts.append(part)
-    add = add_expert_bias if isinstance(layer, MXFP4ExpertLinear) else _add_bias
+    add = add_expert_bias if isinstance(layer, ExpertLinear) else _add_bias
     return RowShards(parts, bias, add, first_stream)
 
 

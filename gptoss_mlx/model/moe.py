@@ -1,5 +1,6 @@
 """Mixture of experts: a linear router picks the top-k of E experts per token; each expert is a
-clamped SwiGLU MLP whose weights stay in MXFP4 and are gathered per token with `mx.gather_qmm`.
+clamped SwiGLU MLP whose weights stay as stored (MXFP4 as released) and are gathered per token
+with `mx.gather_qmm`.
 
 Shape legend: N tokens (any leading dims), H hidden, I expert width, E experts, K experts per token.
 """
@@ -18,14 +19,41 @@ from .config import ModelConfig
 SORT_THRESHOLD = 64
 
 
-class MXFP4ExpertLinear(nn.Module):
-    """E stacked linear layers stored as MXFP4 (4-bit E2M1 values, one E8M0 scale per 32 inputs)."""
+# (mode, bits, group size) of the experts as OpenAI released them: 4-bit E2M1 values with one
+# E8M0 scale byte per 32 inputs, which MLX reads as mode "mxfp4".
+MXFP4 = ("mxfp4", 4, 32)
 
-    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+
+class ExpertLinear(nn.Module):
+    """E stacked linear layers [E, out, in], gathered per token.
+
+    Stored as released (MXFP4) by default. MLX conversions made by others (mlx_lm.convert,
+    mlx-community, LM Studio) may hold them in another of MLX's quantization modes (`scheme` =
+    (mode, bits, group size): affine with scales and biases, mxfp8, nvfp4) or in floating point
+    (`scheme` None); each is computed by the matching gather kernel, never dequantized.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        input_dims: int,
+        output_dims: int,
+        scheme: tuple[str, int, int] | None = MXFP4,
+    ):
         super().__init__()
-        self.weight = mx.zeros((num_experts, output_dims, input_dims // 8), dtype=mx.uint32)
-        self.scales = mx.zeros((num_experts, output_dims, input_dims // 32), dtype=mx.uint8)
-        self.bias = mx.zeros((num_experts, output_dims))
+        E = num_experts
+        self.mode, self.bits, self.group_size = scheme or (None, None, None)
+        if scheme is None:
+            self.weight = mx.zeros((E, output_dims, input_dims))
+        else:
+            self.weight = mx.zeros((E, output_dims, input_dims * self.bits // 32), dtype=mx.uint32)
+            # Affine scales are floats with a float offset ("biases") per group; the
+            # microscaling modes keep one scale byte per group.
+            groups = (E, output_dims, input_dims // self.group_size)
+            self.scales = mx.zeros(groups, dtype=mx.float32 if self.mode == "affine" else mx.uint8)
+            if self.mode == "affine":
+                self.biases = mx.zeros(groups)
+        self.bias = mx.zeros((E, output_dims))
 
     def __call__(
         self, x: mx.array, rows: mx.array | None, experts: mx.array, sorted_indices: bool
@@ -33,19 +61,28 @@ class MXFP4ExpertLinear(nn.Module):
         """x (M, 1, in): rows of input; `rows` and `experts` (same shape S): the row of x and the
         expert of each token-expert pair (rows None: x holds one row per pair, in order).
         Returns (S..., 1, out)."""
-        y = mx.gather_qmm(
-            x,
-            self.weight,
-            self.scales,
-            None,
-            lhs_indices=rows,
-            rhs_indices=experts,
-            transpose=True,
-            group_size=32,
-            bits=4,
-            mode="mxfp4",
-            sorted_indices=sorted_indices,
-        )
+        if self.mode is None:
+            y = mx.gather_mm(
+                x,
+                self.weight.swapaxes(-1, -2),
+                lhs_indices=rows,
+                rhs_indices=experts,
+                sorted_indices=sorted_indices,
+            )
+        else:
+            y = mx.gather_qmm(
+                x,
+                self.weight,
+                self.scales,
+                self.get("biases"),
+                lhs_indices=rows,
+                rhs_indices=experts,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                sorted_indices=sorted_indices,
+            )
         return add_expert_bias(y, self.bias, rows, experts) if "bias" in self else y
 
 
@@ -80,9 +117,9 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, H, W = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = MXFP4ExpertLinear(E, H, W)
-        self.up_proj = MXFP4ExpertLinear(E, H, W)
-        self.down_proj = MXFP4ExpertLinear(E, W, H)
+        self.gate_proj = ExpertLinear(E, H, W)
+        self.up_proj = ExpertLinear(E, H, W)
+        self.down_proj = ExpertLinear(E, W, H)
         self.limit = cfg.swiglu_limit
 
     def __call__(self, x: mx.array, experts: mx.array) -> mx.array:

@@ -1,10 +1,16 @@
-"""Load a converted gptoss-mlx folder: check its manifest, build the model, map the weights lazily."""
+"""Load a converted folder: check it, build the model, map the weights lazily.
+
+Two kinds of folder load: ours (`gptoss-mlx convert`, with a manifest of sizes and sha256) and MLX
+conversions others made for gpt_oss (mlx_lm.convert, mlx-community, LM Studio), read as they are
+(mlx_folder.py). Both go through the same checks of headers, shapes and index before MLX opens a
+shard, and the same loader.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -14,8 +20,9 @@ import mlx.nn as nn
 from ..errors import CheckpointError
 from ..model.config import ModelConfig
 from ..model.cpu_streams import default_threads, shard_model
+from ..model.moe import MXFP4, ExpertLinear
 from ..model.transformer import GptOss
-from .layout import check_weights, expected_weights
+from .layout import Scheme, check_weights, float_dtype, layout_weights, resolve_schemes
 from .safetensors_header import Header, read_header
 
 MANIFEST = "manifest.json"
@@ -118,32 +125,59 @@ def check_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
         )
 
 
-def _quantize_like_checkpoint(model: nn.Module, qcfg: dict[str, Any], names: set[str]) -> None:
-    """Swap Linear/Embedding layers for quantized ones wherever the checkpoint has scales."""
-    default = {k: qcfg[k] for k in ("group_size", "bits", "mode") if k in qcfg}
+def _quantize_like_checkpoint(model: GptOss, schemes: dict[str, Scheme | None]) -> None:
+    """Store every matrix the way the folder does (`schemes`, from layout.resolve_schemes):
+    quantized Linear/Embedding layers where it has scales, experts in their stored mode."""
+    cfg = model.config
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts  # noqa: E741
+    shapes = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}  # (in, out)
+    for i, block in enumerate(model.layers):
+        for proj, (cols, rows) in shapes.items():
+            scheme = schemes.get(f"model.layers.{i}.mlp.experts.{proj}")
+            if scheme != MXFP4:  # the model is built with the experts as released
+                block.mlp.experts[proj] = ExpertLinear(E, cols, rows, scheme)
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in names:
+        scheme = schemes.get(path)
+        if not hasattr(module, "to_quantized") or scheme is None:
             return False
-        spec = qcfg.get(path, default)
-        if spec is False or not isinstance(spec, dict):
-            raise CheckpointError(
-                f"config.json: quantization for {path} is {spec!r} but it has scales"
-            )
-        return dict(spec)
+        return dict(zip(("mode", "bits", "group_size"), scheme, strict=True))
 
     nn.quantize(model, class_predicate=predicate)
 
 
 @dataclass
 class ConvertedFolder:
-    """A converted folder whose manifest, file sizes, config and shard headers were all checked."""
+    """A converted folder whose manifest (ours), file sizes, config and shard headers were all
+    checked."""
 
     path: Path
-    files: dict[str, dict[str, Any]]  # the manifest's entries
+    files: dict[str, dict[str, Any]]  # ours: the manifest's entries; others: {"size"} per file
     raw_config: dict[str, Any]
     config: ModelConfig
     headers: dict[str, Header]  # shard file name -> its validated header
+    schemes: dict[str, Scheme | None] = field(default_factory=dict)  # module -> how stored
+    kind: str = FORMAT  # FORMAT (ours, with a manifest) or mlx_folder.KIND
+    advice: str = _CONVERT_AGAIN  # what to do when the folder turns out broken
+
+    @property
+    def has_manifest(self) -> bool:
+        return self.kind == FORMAT
+
+
+def collect_tensors(
+    folder: Path, headers: dict[str, Header], advice: str
+) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """{tensor name: (shape, dtype, file)} over every shard; a name in two shards is refused."""
+    found: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for name, header in headers.items():
+        for t in header.tensors.values():
+            if t.name in found:
+                raise CheckpointError(
+                    f"{folder / name}: tensor {t.name!r} is also in {found[t.name][2]}; {advice}"
+                )
+            found[t.name] = (t.shape, t.dtype, str(folder / name))
+    return found
 
 
 def inspect_folder(path: str | Path) -> ConvertedFolder:
@@ -157,6 +191,10 @@ def inspect_folder(path: str | Path) -> ConvertedFolder:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
+    from .mlx_folder import inspect_mlx_folder, is_mlx_folder  # it builds on this module
+
+    if not (folder / MANIFEST).exists() and is_mlx_folder(folder):
+        return inspect_mlx_folder(folder)
     files = read_manifest(folder)
     for needed in (CONFIG, INDEX):
         if needed not in files:
@@ -168,22 +206,16 @@ def inspect_folder(path: str | Path) -> ConvertedFolder:
     if not shards:
         raise CheckpointError(f"{folder / MANIFEST}: lists no .safetensors shards")
     headers = {name: read_header(folder / name, advice=_CONVERT_AGAIN) for name in shards}
-    found: dict[str, tuple[tuple[int, ...], str, str]] = {}
-    for name, header in headers.items():
-        for t in header.tensors.values():
-            if t.name in found:
-                raise CheckpointError(
-                    f"{folder / name}: tensor {t.name!r} is also in {found[t.name][2]}; "
-                    f"{_CONVERT_AGAIN}"
-                )
-            found[t.name] = (t.shape, t.dtype, str(folder / name))
-    expected = expected_weights(cfg, raw, frozenset(found), source=str(folder / CONFIG))
-    check_weights(found, expected, str(folder))
-    _check_index(folder, headers)
-    return ConvertedFolder(folder, files, raw, cfg, headers)
+    found = collect_tensors(folder, headers, _CONVERT_AGAIN)
+    source = str(folder / CONFIG)
+    f = float_dtype(raw, source)
+    schemes = resolve_schemes(cfg, raw.get("quantization") or {}, found, source)
+    check_weights(found, layout_weights(cfg, f, schemes, source), str(folder))
+    check_index(folder, headers, _CONVERT_AGAIN)
+    return ConvertedFolder(folder, files, raw, cfg, headers, schemes)
 
 
-def _check_index(folder: Path, headers: dict[str, Header]) -> None:
+def check_index(folder: Path, headers: dict[str, Header], advice: str) -> None:
     """The index must map exactly the stored tensors to the shards that hold them (mlx-lm and the
     memory preflight read it)."""
     where = folder / INDEX
@@ -193,9 +225,7 @@ def _check_index(folder: Path, headers: dict[str, Header]) -> None:
     if wm != held:
         diff = sorted(set(wm) ^ set(held)) if isinstance(wm, dict) else []
         what = f" (first difference: {diff[0]!r})" if diff else ""
-        raise CheckpointError(
-            f"{where}: weight_map disagrees with the shards{what}; {_CONVERT_AGAIN}"
-        )
+        raise CheckpointError(f"{where}: weight_map disagrees with the shards{what}; {advice}")
 
 
 def load_model(
@@ -218,11 +248,11 @@ def load_checked(folder: ConvertedFolder, dtype: mx.Dtype | None, threads: int |
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:  # changed since inspect_folder; MLX raises RuntimeError/ValueError
-            raise CheckpointError(f"{path}: cannot be read ({e}); {_CONVERT_AGAIN}") from None
+            raise CheckpointError(f"{path}: cannot be read ({e}); {folder.advice}") from None
 
     dtype = dtype or default_dtype()
     model = GptOss(folder.config, dtype=dtype)
-    _quantize_like_checkpoint(model, folder.raw_config.get("quantization") or {}, set(weights))
+    _quantize_like_checkpoint(model, folder.schemes)
     # Float weights run in the activation dtype; quantized payloads (uint32/uint8) stay as stored.
     weights = {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
