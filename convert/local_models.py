@@ -26,6 +26,7 @@ from gptoss_mlx.weights.loading import MANIFEST
 from gptoss_mlx.weights.mlx_folder import is_mlx_folder, shard_names, small_json
 
 from .convert import not_ours
+from .download import cached_snapshot, looks_like_repo_id
 
 LMSTUDIO_ENV = "GPTOSS_MLX_LMSTUDIO_MODELS"
 LMSTUDIO_DIRS = ("~/.lmstudio/models", "~/.cache/lm-studio/models")
@@ -37,7 +38,7 @@ LMSTUDIO = "lm-studio"
 
 @dataclass
 class LocalModel:
-    """One usable model on this machine."""
+    """One model found on this machine."""
 
     name: str  # what --model takes
     source: str  # OURS, HF_CACHE or LMSTUDIO
@@ -49,8 +50,9 @@ class LocalModel:
     note: str = ""  # e.g. "incomplete: 1 of 3 shards" (then it is not usable yet)
 
     @property
-    def usable(self) -> bool:
-        return not self.note.startswith("incomplete")
+    def complete(self) -> bool:
+        """Every weight is here (else --model NAME downloads the rest first, or fails offline)."""
+        return not self.note.startswith(("incomplete", "config only"))
 
 
 def home() -> Path:
@@ -204,16 +206,19 @@ def list_models() -> list[LocalModel]:
 
 
 def find_local(name: str) -> Path | None:
-    """The folder a name printed by `gptoss-mlx models` stands for, when it needs no network:
-    one of ours by folder name, an LM Studio download by PUBLISHER/MODEL. (Hub repo ids, in the
-    Hugging Face cache or not, are resolved by resolve.py through huggingface_hub.)"""
+    """The folder a name printed by `gptoss-mlx models` stands for, when it is usable as it is
+    without the network: one of ours by folder name, an LM Studio download by PUBLISHER/MODEL, a
+    complete MLX conversion in the Hugging Face cache by repo id. (Checkpoints are converted by
+    resolve.py, which fetches what is missing.)"""
     if name and "/" not in name and name not in (".", ".."):
         folder = models_dir() / name
         if (folder / MANIFEST).is_file():
             return folder
     if name.count("/") == 1 and ".." not in name.split("/"):
-        for root in lmstudio_dirs():
-            folder = root / name
+        candidates = [root / name for root in lmstudio_dirs()]
+        if looks_like_repo_id(name) and (cached := cached_snapshot(name)) is not None:
+            candidates.append(cached)
+        for folder in candidates:
             if is_mlx_folder(folder) and not missing_shards(folder):
                 return folder
     return None
@@ -227,7 +232,7 @@ def removal_target(name: str) -> Path:
         elsewhere = [m for m in hf_cache() + lmstudio() if m.name == name]
         if elsewhere:
             how = {
-                HF_CACHE: "remove it with `hf cache delete` (huggingface_hub)",
+                HF_CACHE: f"remove it with `hf cache rm model/{name}` (huggingface_hub)",
                 LMSTUDIO: "remove it in LM Studio",
             }[elsewhere[0].source]
             raise UsageError(

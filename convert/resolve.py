@@ -22,7 +22,7 @@ from gptoss_mlx.weights.mlx_folder import is_mlx_folder
 
 from . import download as hub
 from .download import looks_like_repo_id
-from .local_models import find_local, home, missing_shards
+from .local_models import find_local, home
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 DEFAULT_RECIPE = "mxfp4-q8"
@@ -52,11 +52,8 @@ def usable_as_is(path: Path) -> bool:
 
 
 def _hub_mlx(spec: str, progress: bool) -> Path | None:
-    """The snapshot of hub repo `spec` when it holds an MLX conversion (downloaded if needed),
-    else None (a checkpoint, to convert). The local Hugging Face cache is tried first, offline."""
-    cached = hub.cached_snapshot(spec)
-    if cached is not None and is_mlx_folder(cached) and not missing_shards(cached):
-        return cached
+    """The snapshot of hub repo `spec` when it holds an MLX conversion (downloaded), else None
+    (a checkpoint, to convert). (find_local has already looked in the Hugging Face cache.)"""
     probe = hub.snapshot(spec, hub.PROBE_PATTERNS)  # config.json and the index: kilobytes
     if not is_mlx_folder(probe):
         return None

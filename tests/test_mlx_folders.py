@@ -146,6 +146,25 @@ def test_threads_split_a_foreign_folder_without_changing_a_bit(folders):
         assert mx.array_equal(one, two).item(), name
 
 
+@pytest.mark.parametrize("name", ["experts-nvfp4", "bf16", "override"])
+def test_cached_and_compiled_decoding_equal_one_pass(folders, name):
+    # The engine's paths (prefill into caches, the compiled one-token step) on experts stored
+    # another way, across the sliding window (8) and beyond.
+    from gptoss_mlx.engine.generate import prefill_ids
+    from gptoss_mlx.model.compiled_decode import CompiledDecoder
+
+    model = load_model(folders[name], dtype=mx.float32)
+    toks = mx.array([prompt(40, WIDE["vocab_size"], seed=9)], dtype=mx.uint32)
+    full = model(toks)[0]
+    cache = model.make_cache()
+    prefill_ids(model, toks[:, :13], cache, chunk=5)
+    dec = CompiledDecoder.start(model, cache)
+    steps = mx.stack([dec.step(toks[:, t])[0] for t in range(13, 40)])
+    dec.finish()
+    scale = mx.abs(full).max().item()
+    assert mx.abs(steps - full[13:]).max().item() / scale <= 1e-5
+
+
 def test_load_returns_the_folders_tokenizer(folders):
     model, tok = load(folders["q8-g64"])
     assert model.config.num_hidden_layers == 4 and tok.encode("hi")

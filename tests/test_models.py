@@ -18,7 +18,6 @@ from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.resolve import resolve_model
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.errors import CheckpointError
-from hub_fakes import put_in_cache
 
 MLX_REPO = "mlx-community/gpt-oss-tiny-MXFP4-Q8"
 LMS_NAME = "lmstudio-community/gpt-oss-tiny-MLX-8bit"
@@ -59,6 +58,8 @@ def never_convert(monkeypatch) -> None:
 @pytest.fixture
 def machine(sources, places, hf_cache) -> dict[str, Path]:
     """One model in each place, plus things that must not be listed."""
+    from hub_fakes import put_in_cache  # after pytest_plugins loaded it (assert rewriting)
+
     ours = places["models"] / "openai--gpt-oss-tiny-mxfp4-q8"
     shutil.copytree(sources["ours"], ours)
     (places["models"] / ".openai--x-mxfp4-q8.partial-123").mkdir()  # a conversion in progress
@@ -103,6 +104,7 @@ def test_models_lists_each_place(machine):
     assert mlx["size"] == sum(p.stat().st_size for p in machine["mlx"].iterdir())
     assert found["openai/gpt-oss-tiny"]["kind"] == "checkpoint"
     assert found["openai/gpt-oss-120b"]["note"] == "config only (nothing downloaded)"
+    assert [n for n, m in found.items() if not m["complete"]] == ["openai/gpt-oss-120b"]
     assert (found[LMS_NAME]["source"], found[LMS_NAME]["kind"]) == ("lm-studio", "mlx")
 
 
@@ -126,6 +128,18 @@ def test_every_listed_name_works_with_model_offline(machine, monkeypatch):
     assert resolve_model("openai--gpt-oss-tiny-mxfp4-q8") == machine["ours"]
     assert resolve_model(MLX_REPO) == machine["mlx"]
     assert resolve_model(LMS_NAME) == machine["lms"]
+
+
+def test_info_on_a_listed_name_reads_the_folder(machine):
+    # Offline (hf_cache): the MLX repo in the cache is sized from its own headers.
+    for name, fmt in (
+        (MLX_REPO, "mlx-lm"),
+        (LMS_NAME, "mlx-lm"),
+        ("openai--gpt-oss-tiny-mxfp4-q8", "gptoss-mlx"),
+    ):
+        res = CliRunner().invoke(main, ["info", name, "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["folder"]["format"] == fmt
 
 
 def test_the_checkpoint_name_is_converted_once_from_the_cache(machine, places):
@@ -202,7 +216,7 @@ def test_rm_with_nothing_on_stdin_removes_nothing(machine):
 @pytest.mark.parametrize(
     "name, needle",
     [
-        (MLX_REPO, "remove it with `hf cache delete`"),
+        (MLX_REPO, f"remove it with `hf cache rm model/{MLX_REPO}`"),
         (LMS_NAME, "remove it in LM Studio"),
         ("no-such-model", "no such model in"),
         ("../home", "no such model in"),

@@ -53,7 +53,10 @@ def models(ctx: click.Context, as_json: bool) -> None:
     found = list_models()
     if as_json:
         keys = ("name", "source", "kind", "quantization", "size", "layers", "note")
-        rows = [{**{k: getattr(m, k) for k in keys}, "path": str(m.path)} for m in found]
+        rows = [
+            {**{k: getattr(m, k) for k in keys}, "complete": m.complete, "path": str(m.path)}
+            for m in found
+        ]
         click.echo(json.dumps(rows, indent=2))
         return
     if not found:
