@@ -190,6 +190,22 @@ def test_header_validation_runs_before_mlx_opens_a_shard(folders, tmp_path, monk
     assert str(shard) in str(e.value) and "download or convert it again" in str(e.value)
 
 
+def test_float_tensors_of_mixed_dtypes_load_as_mlx_lm_loads_them(folders, tmp_path):
+    # Some converters keep norms or sinks in float32 next to bf16 weights; mlx-lm casts each.
+    folder = _copy(folders, "q4-g64", tmp_path)
+    weights = mx.load(str(folder / "model.safetensors"))
+    for name in ("model.norm.weight", f"{L0}self_attn.sinks", "lm_head.scales"):
+        weights[name] = weights[name].astype(mx.float32)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    toks = mx.array([prompt(20, WIDE["vocab_size"])])
+    mixed = load_model(folder, dtype=mx.float32)(toks)
+    assert mx.array_equal(mixed, load_model(folders["q4-g64"], dtype=mx.float32)(toks)).item()
+    weights["lm_head.weight"] = weights["lm_head.weight"].astype(mx.int32)  # not a float: refused
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' has dtype I32"):
+        load_model(folder)
+
+
 def test_config_that_disagrees_with_the_tensors_names_them(folders, tmp_path):
     folder = _copy(folders, "q8-g64", tmp_path)
     d = json.loads((folder / "config.json").read_text())

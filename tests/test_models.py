@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import gptoss_mlx.convert.convert as convert_module
 from conftest import make_tiny_config
+from gptoss_mlx import load_model
 from gptoss_mlx.cli import main
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.resolve import resolve_model
@@ -128,6 +129,8 @@ def test_every_listed_name_works_with_model_offline(machine, monkeypatch):
     assert resolve_model("openai--gpt-oss-tiny-mxfp4-q8") == machine["ours"]
     assert resolve_model(MLX_REPO) == machine["mlx"]
     assert resolve_model(LMS_NAME) == machine["lms"]
+    assert (machine["mlx"] / "model.safetensors").is_symlink()  # the cache links to its blobs
+    assert load_model(machine["mlx"]).config.num_hidden_layers == 2
 
 
 def test_info_on_a_listed_name_reads_the_folder(machine):
