@@ -236,6 +236,17 @@ def test_quantization_mlx_lacks_is_refused(folders, tmp_path):
         load_model(folder)
 
 
+def test_nvfp4_global_scales_are_refused_with_the_reason(folders, tmp_path):
+    folder = _copy(folders, "experts-nvfp4", tmp_path)
+    d = json.loads((folder / "config.json").read_text())
+    d["quantization"][f"{L0}mlp.experts.up_proj"] = {
+        "group_size": 16, "bits": 4, "mode": "nvfp4", "global_scale": True,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="uses an nvfp4 global scale"):
+        load_model(folder)
+
+
 def test_a_missing_shard_of_the_index_is_named(folders, tmp_path):
     folder = _copy(folders, "q4-g64", tmp_path)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
