@@ -7,6 +7,7 @@ import sys
 import click
 
 from .main import CONTEXT_SETTINGS, handle_errors, main, model_options, session_from_options
+from .mcp_tools import mcp_options
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -51,6 +52,7 @@ def prompt(request_file, ids: bool, model: str | None, date: str | None) -> None
     "-p", "--prompt", "prompt_text", default=None, help="The prompt (default: read stdin)."
 )
 @model_options
+@mcp_options
 @click.option("--show-reasoning", is_flag=True, help="Stream the model's reasoning to stderr.")
 @click.option("--raw", is_flag=True, help="Plain text completion of the prompt, without harmony.")
 @click.option(
@@ -68,6 +70,10 @@ def generate(
       echo "Summarise: ..." | gptoss-mlx generate -r low
       gptoss-mlx generate -p "Weather in Paris?" --tools tools.json --json
       gptoss-mlx generate --raw -p "def fibonacci(n):" -t 0 -n 64
+      gptoss-mlx generate -p "What is 2+3?" --mcp mcp.json --allow-tools add
+
+    With --mcp the model's calls to the servers' tools run (only those in --allow-tools, or
+    all with --yes-tools; generate cannot ask) and it goes on until it answers.
 
     Exit status: 0 ok, 2 bad usage or input, 1 runtime failure.
     """
@@ -81,7 +87,15 @@ def generate(
         prompt_text = sys.stdin.read()
     if not prompt_text.strip():
         raise UsageError("the prompt is empty")
+    from .mcp_tools import echo_err, mcp_tools
+
+    # Checked before the model loads; the servers start while it loads, stop when we return.
+    tools = click.get_current_context().with_resource(
+        mcp_tools(opts, interactive=False, command="generate", raw=raw)
+    )
     session = session_from_options(**opts)
+    if tools is not None:
+        tools.attach(session, echo_err)
     if raw:
         from ..engine.generate import GenerationStats, generate_tokens
         from ..harmony.tokenizer import StreamingDetokenizer
@@ -143,8 +157,11 @@ def generate(
                 _json.dumps({**empty, "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
             )
         return
+    if tools is not None:
+        result = tools.run_rounds(session, result, None if as_json else printer, echo_err)
     if as_json:
-        click.echo(_json.dumps(result.to_json(), ensure_ascii=False))
+        obj = result.to_json() if tools is None else tools.json(result, session)
+        click.echo(_json.dumps(obj, ensure_ascii=False))
     else:
         printer.end()
         if result.finish_reason == "length":

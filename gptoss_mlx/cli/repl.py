@@ -15,6 +15,7 @@ from ..engine.chat import ChatSession, TurnResult
 from ..errors import GptOssError
 from ..harmony.request import EFFORTS
 from .console import TurnPrinter
+from .mcp_tools import ToolRunner
 
 HELP = """\
 Type a message and press Enter. For several lines, start and end them with a line of \"\"\".
@@ -27,6 +28,7 @@ Type a message and press Enter. For several lines, start and end them with a lin
   /quit                     leave (or Ctrl-D)
   //TEXT                    send a message that starts with "/"
 When the model calls a tool you are asked for its result (JSON or text); /skip declines.
+With --mcp, an MCP tool runs once you answer y (this call), a (always, this session); n declines.
 Ctrl-C stops the current answer; the conversation stays as it was before that message."""
 
 SKIPPED = '{"error": "the user declined to run this tool"}'
@@ -97,8 +99,10 @@ class ChatLoop:
         stdin: TextIO | None = None,
         out: TextIO | None = None,
         err: TextIO | None = None,
+        tools: ToolRunner | None = None,
     ):
         self.session = session
+        self.tools = tools  # MCP tools (--mcp): run on their servers, with the user's consent
         self.show_reasoning = show_reasoning
         self.verbose = verbose
         self.stdin = stdin or sys.stdin
@@ -157,10 +161,16 @@ class ChatLoop:
             calls = self.session.pending_tool_calls()
             if not calls:
                 return
-            answers = []
-            for call in calls:
+            # Past --max-tool-rounds the runner answers every call itself (or stops the turn).
+            answers = self.tools.limit(calls, self.session, self.say) if self.tools else []
+            if answers is None:
+                return
+            for call in calls[len(answers) :]:
                 fn = call["function"]
                 try:
+                    if self.tools is not None and self.tools.handles(call):
+                        answers.append((call, self.tools.answer(call, read, self.say)))
+                        continue
                     prompt = f"result of {fn['name']}({fn['arguments']}) or /skip: "
                     if not self.interactive:
                         self.say(prompt.rstrip())
@@ -206,6 +216,8 @@ class ChatLoop:
                     self.say("usage: /load FILE")
                 else:
                     s.load(arg)
+                    if self.tools is not None:
+                        self.tools.offer(s)  # the --mcp tools stay declared
                     self.say(f"loaded {len(s.messages)} messages from {Path(arg)}")
             elif name == "/stats":
                 self.say(s.last.stats.summary() if s.last else "no turn yet")
