@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from gptoss_mlx.cli import main
 from gptoss_mlx.cli.mcp_client import McpServers
 from gptoss_mlx.cli.mcp_config import parse_mcp_config
-from gptoss_mlx.cli.mcp_tools import DECLINED, Consent, ToolRunner
+from gptoss_mlx.cli.mcp_tools import DECLINED, Consent, ToolRunner, mcp_tools
 from gptoss_mlx.cli.repl import ChatLoop
 from gptoss_mlx.harmony.render import render_prompt
 from gptoss_mlx.harmony.request import parse_chat_request
@@ -509,6 +509,24 @@ def _wait_draining(p: subprocess.Popen, term: PtyReader, within: float = 120) ->
             except OSError:
                 pass
     return p.returncode
+
+
+def test_a_closed_terminal_stops_the_servers(tmp_path):
+    """SIGHUP (the terminal closed) ends the command through its cleanup, like SIGTERM."""
+    pidfile = tmp_path / "pids"
+    cfg = write_config(
+        tmp_path / "mcp.json", {"alpha": stdio_entry("alpha", "--tools", "echo", pidfile=pidfile)}
+    )
+    before = signal.getsignal(signal.SIGHUP)
+    opts = {"mcp_config": cfg, "yes_tools": True}
+    with pytest.raises(SystemExit) as e:
+        with mcp_tools(opts, interactive=False, command="chat") as runner:
+            runner.servers.wait_ready()
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(30)  # the handler raises here
+    assert e.value.code == 128 + signal.SIGHUP
+    assert signal.getsignal(signal.SIGHUP) is before  # restored
+    assert len(pids(pidfile)) == 1 and wait_gone(pids(pidfile)) == []
 
 
 def test_a_real_terminal_ctrl_c_and_sigterm(tmp_path):

@@ -17,14 +17,8 @@ import pytest
 
 from gptoss_mlx.cli.mcp_client import result_text
 from gptoss_mlx.cli.mcp_config import ServerSpec, load_mcp_config, parse_mcp_config
-from gptoss_mlx.cli.mcp_tools import (
-    DECLINED,
-    Consent,
-    McpTool,
-    assign_names,
-    inline_refs,
-    tool_rounds,
-)
+from gptoss_mlx.cli.mcp_names import McpTool, assign_names, inline_refs
+from gptoss_mlx.cli.mcp_tools import DECLINED, Consent, tool_rounds
 from gptoss_mlx.errors import UsageError
 from gptoss_mlx.harmony.request import parse_chat_request
 

@@ -5,8 +5,9 @@ model_files.py  convert, verify, info (memory_view.py prints info's table)
 models.py       models, models rm: what this machine has (convert/local_models.py)
 generate.py     generate, prompt
 chat.py         chat; repl.py is its loop, console.py its terminal output
-mcp_tools.py    --mcp for chat and generate: consent, tool names, rounds; mcp_client.py runs
-                the servers (MCP SDK, background thread), mcp_config.py reads the mcpServers file
+mcp_tools.py    --mcp for chat and generate: consent and tool rounds; mcp_client.py runs the
+                servers (MCP SDK, background thread), mcp_config.py reads the mcpServers file,
+                mcp_names.py names the tools for the model
 batch.py        batch; batch_job.py runs the JSONL job, batch_files.py reads and writes its files
 bench.py        bench
 progress.py     the progress bars of long jobs (tqdm)

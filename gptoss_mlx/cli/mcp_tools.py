@@ -1,13 +1,11 @@
-"""MCP tools in `chat` and `generate`: the options, the names the model sees, consent, and the
-tool rounds (call, result back into the conversation, the model goes on).
+"""MCP tools in `chat` and `generate`: the options, consent, and the tool rounds (call, result
+back into the conversation, the model goes on).
 
 The engine knows nothing of MCP: the servers' tools are added to the session as ordinary OpenAI
 function tools, and their results go back through `ChatSession.send_tool_results`. What a call
 does on its server is mcp_client.py's business; what the user agreed to is this module's.
 
-Names: a tool keeps its own name when it is unique and valid for harmony (`[A-Za-z0-9_-]{1,64}`,
-other characters become `_`); tools whose names collide, across servers or with a `--tools`
-function, are all renamed `SERVER_TOOL` (then `_2`, `_3`... if that still collides).
+The names and schemas the model sees are mcp_names.py's.
 
 Consent: nothing runs unless `--yes-tools`, the tool is in `--allow-tools`, or the user says `y`
 (once) or `a` (always, this session) at the prompt; `n` declines and the model is told. Where no
@@ -18,12 +16,10 @@ two options, before the model loads.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import tempfile
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,13 +29,13 @@ from typing import Any
 import click
 
 from ..errors import UsageError
+from .mcp_names import McpTool, assign_names
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_START_TIMEOUT_S = 60.0  # `npx -y SERVER` may download the server on its first start
 DEFAULT_MAX_ROUNDS = 10
 MAX_RESULT_CHARS = 32_000  # ~8k tokens: one tool result must not swallow the context
 DECLINED = '{"error": "the user declined to run this tool"}'
-_INVALID = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def mcp_options(fn):
@@ -89,80 +85,6 @@ def mcp_options(fn):
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
-
-
-@dataclass(frozen=True)
-class McpTool:
-    """An MCP tool as the model sees it (`name`) and as its server knows it (`server`, `tool`)."""
-
-    name: str
-    server: str
-    tool: str
-    description: str
-    parameters: dict[str, Any]
-
-    def function_tool(self) -> dict[str, Any]:
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description,
-                "parameters": inline_refs(self.parameters),
-            },
-        }
-
-
-def _clean(name: str) -> str:
-    return _INVALID.sub("_", name)[:64] or "_"
-
-
-def assign_names(tools: Sequence[Any], reserved: set[str] = frozenset()) -> list[McpTool]:
-    """Harmony-valid, unique names for `tools` (ServerTool-like: server, name, description,
-    input_schema), avoiding `reserved` (the --tools functions). See the module docstring."""
-    base = [_clean(t.name) for t in tools]
-    counts = Counter(base)
-    keep = [counts[b] == 1 and b not in reserved for b in base]
-    taken = set(reserved) | {b for b, k in zip(base, keep, strict=True) if k}
-    names = []
-    for t, b, k in zip(tools, base, keep, strict=True):
-        if k:
-            names.append(b)
-            continue
-        want = _clean(f"{t.server}_{t.name}")
-        name, n = want, 1
-        while name in taken:
-            n += 1
-            name = f"{want[: 64 - len(str(n)) - 1]}_{n}"
-        taken.add(name)
-        names.append(name)
-    return [
-        McpTool(name, t.server, t.name, t.description, t.input_schema or {"type": "object"})
-        for name, t in zip(names, tools, strict=True)
-    ]
-
-
-def inline_refs(schema: Any, defs: dict | None = None, depth: int = 0) -> Any:
-    """The schema with local `$ref`s to `$defs` replaced by their targets (pydantic-made MCP
-    schemas use them; the TypeScript rendering would show each as `any`). Recursive types stop
-    at a depth of 8 references."""
-    if isinstance(schema, list):
-        return [inline_refs(s, defs, depth) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    if defs is None:
-        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-        target = defs.get(ref.rsplit("/", 1)[1])
-        if isinstance(target, dict) and depth < 8:
-            rest = {k: v for k, v in schema.items() if k != "$ref"}
-            return inline_refs({**target, **rest}, defs, depth + 1)
-        return {k: v for k, v in schema.items() if k != "$ref"}  # unknown or too deep: any
-    return {
-        k: inline_refs(v, defs, depth)
-        for k, v in schema.items()
-        if k not in ("$defs", "definitions")
-    }
 
 
 @dataclass
