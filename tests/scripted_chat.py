@@ -1,8 +1,9 @@
-"""A scripted model and harmony helpers for chat tests (imported like `conftest`).
+"""Scripted models and harmony helpers for chat tests (imported like `conftest`).
 
-The scripted model forces greedy decoding to write exactly the harmony completion a test gives,
-and records every prompt it is asked to continue, so tests can check what the conversation
-history looks like to the model after each turn.
+The scripted models force greedy decoding to write exactly the harmony completion a test gives,
+and record every prompt they are asked to continue, so tests can check what the conversation
+history looks like to the model after each turn. `ScriptedModel` plays one script per turn, in
+order; `TableModel` looks the completion up by prompt and also runs under `BatchEngine`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from gptoss_mlx.engine.chat import ChatSession
 from gptoss_mlx.engine.generate import SamplingParams
@@ -116,7 +117,7 @@ class ScriptedModel:
         self.vocab_size = vocab_size
         self.scripts = list(scripts)
         self.prompts: list[list[int]] = []
-        self.config = SimpleNamespace(max_position_embeddings=131072)
+        self.config = SimpleNamespace(max_position_embeddings=131072, vocab_size=vocab_size)
         self.interrupt_at = interrupt_at
         self._script: list[int] = []
         self._step = 0
@@ -145,6 +146,62 @@ class ScriptedModel:
         self._step += 1
         hot = mx.arange(self.vocab_size) == target
         return mx.where(hot, 30.0, 0.0)[None, None, :]
+
+
+class TableModel:
+    """Greedy output looked up in `scripts`: {prompt ids (tuple): completion ids}.
+
+    The token ids themselves are kept in real mlx-lm caches (as one-dimensional keys), so at every
+    step the model reads each row's whole history, finds the longest scripted prompt it starts
+    with, and puts all the probability on the next token of that prompt's completion. That works
+    alike for one sequence (`generate_tokens`, `run_turn`), a `PromptCache`, and `BatchEngine`'s
+    left-padded, merged and filtered batch caches. `prompts` records every prompt it was
+    prefilled with, in order; a history that no script covers fails the test.
+    """
+
+    def __init__(self, vocab_size: int, scripts: dict[tuple[int, ...], list[int]]):
+        self.vocab_size = vocab_size
+        self.scripts = {tuple(p): list(c) for p, c in scripts.items()}
+        self.prompts: list[list[int]] = []
+        self.config = SimpleNamespace(max_position_embeddings=131072, vocab_size=vocab_size)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache()]
+
+    def _store(self, tokens: mx.array, cache: list) -> list[list[int]]:
+        """Append `tokens` [B, T] to the cache; return each row's whole history."""
+        ids = tokens.astype(mx.float32)[:, None, :, None]  # (B, 1 head, T, 1): exact below 2**24
+        keys, _ = cache[0].update_and_fetch(ids, ids)
+        rows = keys[:, 0, :, 0].astype(mx.int32).tolist()
+        if isinstance(cache[0], BatchKVCache):
+            pads = cache[0].left_padding.tolist()
+            return [row[pad:] for row, pad in zip(rows, pads, strict=True)]
+        return rows
+
+    def hidden(self, tokens: mx.array, cache=None) -> mx.array:
+        self._store(tokens, cache)
+        return mx.zeros((tokens.shape[0], tokens.shape[1], 1))
+
+    def __call__(self, tokens: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        histories = self._store(tokens, cache)
+        if last_only:
+            self.prompts.extend(histories)
+        rows = [self._next(h) for h in histories]
+        hot = mx.arange(self.vocab_size)[None, :] == mx.array(rows)[:, None]
+        return mx.where(hot, 30.0, 0.0)[:, None, :]  # (B, 1, vocab): the last position's logits
+
+    def _next(self, history: list[int]) -> int:
+        best = max(
+            (p for p in self.scripts if tuple(history[: len(p)]) == p),
+            key=len,
+            default=None,
+        )
+        assert best is not None, f"no script for a history of {len(history)} tokens"
+        step = len(history) - len(best)
+        script = self.scripts[best]
+        # Past the end: the row the batch engine has already launched after a stop token (its
+        # output is thrown away). Anything will do.
+        return script[step] if step < len(script) else 0
 
 
 def session(tok, scripts, **kw) -> tuple[ChatSession, ScriptedModel]:

@@ -186,7 +186,8 @@ def test_stop_ids(model, prompts):
 
 
 def test_harmony_stop_ids_are_the_default(model):
-    assert BatchEngine(model).stop_ids == (200002, 200012)
+    # <|return|>, <|call|> and <|endoftext|>: where `run_turn` and `batch` stop.
+    assert BatchEngine(model).stop_ids == (200002, 200012, 199999)
 
 
 # --------------------------------------------------------------------------- sampling

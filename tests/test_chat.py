@@ -105,7 +105,15 @@ def test_run_turn_returns_tool_calls_in_the_openai_shape(tok):
     model = ScriptedModel(tok.vocab_size, [script])
     rec = Recorder([])
     prompt = user_prompt(tok, "Weather in Paris?", tools=[WEATHER_TOOL])
-    res = run_turn(model, tok, prompt, sampling=GREEDY, on_event=rec, call_id_prefix="call_7_")
+    res = run_turn(
+        model,
+        tok,
+        prompt,
+        sampling=GREEDY,
+        on_event=rec,
+        call_id_prefix="call_7_",
+        functions=["get_weather"],
+    )
     assert res.finish_reason == "tool_calls"
     assert res.tool_calls == [
         {
@@ -134,7 +142,8 @@ def test_run_turn_streams_a_preamble_before_the_call(tok):
         "<|constrain|>", "json", "<|message|>", "{}", "<|call|>",
     )  # fmt: skip
     rec = Recorder([])
-    res = run_turn(ScriptedModel(tok.vocab_size, [script]), tok, user_prompt(tok), on_event=rec)
+    model = ScriptedModel(tok.vocab_size, [script])
+    res = run_turn(model, tok, user_prompt(tok), on_event=rec, functions=["get_weather"])
     assert rec.kinds() == ["preamble", "tool_call"]
     assert res.preambles == ["Let me check."]
     assert res.finish_reason == "tool_calls"

@@ -117,3 +117,42 @@ def test_a_new_generation_with_the_same_shapes_replays_the_trace(model):
     assert mx.allclose(d1.step(feed[:, 0]), d2.step(feed[:, 0])).item()
     d1.finish()
     d2.finish()
+
+
+def test_a_changed_model_is_traced_again(monkeypatch):
+    """A trace replays the weights and settings it met: after new weights, a changed module
+    setting or a changed module-level switch, the next generation traces again and decodes what a
+    plain step computes."""
+    from gptoss_mlx.model import moe
+
+    mx.random.seed(4)
+    m = GptOss(make_tiny_config(num_hidden_layers=2))
+    prompt, y = _ids(5, 1, 9), _ids(1, 1, 10)[:, 0]
+
+    def both() -> tuple[mx.array, mx.array, CompiledDecoder]:
+        plain, comp = m.make_cache(), m.make_cache()
+        prefill_ids(m, prompt, plain)
+        prefill_ids(m, prompt, comp)
+        dec = CompiledDecoder.start(m, comp)
+        got = dec.step(y)
+        dec.finish()
+        return got, m(y[:, None], cache=plain)[:, -1], dec
+
+    got, want, first = both()
+    assert mx.allclose(got, want, atol=1e-5).item()
+    changes = [
+        lambda: setattr(m.lm_head, "weight", m.lm_head.weight * 2),  # new weights
+        lambda: setattr(m.layers[0].self_attn, "scale", m.layers[0].self_attn.scale * 3),
+    ]
+    for change in changes:
+        before = both()[0]
+        change()
+        got, want, dec = both()
+        assert not mx.allclose(want, before, atol=1e-3).item()  # the change matters...
+        assert mx.allclose(got, want, atol=1e-5).item()  # ...and the compiled step follows it
+    # A module-level switch the forward pass reads: a new program, traced for it.
+    program = both()[2].program
+    monkeypatch.setattr(moe, "SORT_THRESHOLD", 1)
+    again = both()[2].program
+    assert again is not program and again.traces >= 1
+    assert both()[2].program is again  # and kept while nothing changes

@@ -83,7 +83,7 @@ def test_tool_call_recipient_in_channel_header():
         '{"location":"SF"}',
         "call",
     )
-    result = parse_completion(stream, fake_decode_bytes)
+    result = parse_completion(stream, fake_decode_bytes, functions=["get_weather"])
     assert result.finish_reason == "tool_calls"
     assert result.tool_calls == [
         {
@@ -112,7 +112,7 @@ def test_tool_call_recipient_in_role_header():
 
 def test_tool_call_on_the_analysis_channel():
     stream = toks(C, "analysis to=functions.search ", K, "json", M, '{"q":"x"}', CALL)
-    result = parse_completion(stream, fake_decode_bytes)
+    result = parse_completion(stream, fake_decode_bytes, functions=["search"])
     assert result.reasoning == "" and result.finish_reason == "tool_calls"
     assert result.tool_calls[0]["function"] == {"name": "search", "arguments": '{"q":"x"}'}
     assert message_kind(result.messages[0]) == "tool_call"
@@ -125,15 +125,39 @@ def test_preamble_then_tool_calls_with_counter_ids():
         S, "assistant", C, "commentary to=functions.get_weather ", K, "json", M, '{"c":"SF"}', CALL,
         S, "assistant", C, "commentary to=browser.search", M, '{"c":"NY"}', CALL,
     )  # fmt: skip
-    result = parse_completion(stream, fake_decode_bytes, id_prefix="call_7_")
+    result = parse_completion(
+        stream, fake_decode_bytes, id_prefix="call_7_", functions=["get_weather"]
+    )
     assert result.preambles == ["Checking both cities."]
     assert result.reasoning == "Need weather."
     assert [(c["id"], c["function"]["name"]) for c in result.tool_calls] == [
-        ("call_7_0", "get_weather"),
-        ("call_7_1", "browser.search"),  # only the `functions.` namespace is stripped
+        ("call_7_0", "get_weather")
     ]
-    assert result.final == "" and result.finish_reason == "tool_calls"
+    # Only a declared `functions.NAME` is a function call; the stream ends on another one.
+    assert result.refused_calls == [{"recipient": "browser.search", "arguments": '{"c":"NY"}'}]
+    assert result.final == "" and result.finish_reason == "stop"
     assert len(result.messages) == 4
+
+
+def test_only_finished_calls_to_declared_functions_are_tool_calls():
+    head = (C, "commentary to=functions.get_weather ", K, "json", M)
+    declared = ["get_weather"]
+    # A call cut off by max_tokens: unfinished, finish "length", not a call.
+    cut = parse_completion(toks(*head, '{"city": "Pa'), fake_decode_bytes, functions=declared)
+    assert (cut.tool_calls, cut.finish_reason) == ([], "length")
+    assert cut.unfinished_calls == [
+        {"recipient": "functions.get_weather", "arguments": '{"city": "Pa'}
+    ]
+    # Closed by <|end|> instead of <|call|>: not a call either.
+    ended = parse_completion(toks(*head, "{}", E, S, "assistant", C, "final", M, "Hi", RET),
+                             fake_decode_bytes, functions=declared)  # fmt: skip
+    assert (ended.tool_calls, ended.final, ended.finish_reason) == ([], "Hi", "stop")
+    assert ended.unfinished_calls == [{"recipient": "functions.get_weather", "arguments": "{}"}]
+    # A finished call to a function nobody declared, or with none declared: refused.
+    for functions in (["other"], []):
+        refused = parse_completion(toks(*head, "{}", CALL), fake_decode_bytes, functions=functions)
+        assert (refused.tool_calls, refused.finish_reason) == ([], "stop")
+        assert refused.refused_calls == [{"recipient": "functions.get_weather", "arguments": "{}"}]
 
 
 def test_result_joins_reasoning_and_reports_length():

@@ -370,6 +370,35 @@ def test_finished_tool_loop_then_new_question(tok, hx):
     assert_same(tok, hx, request, expected)
 
 
+def test_content_with_tool_calls_is_the_preamble(tok, hx):
+    """Chat Completions allows `content` beside `tool_calls`: it is what the model wrote before
+    calling, one commentary message per text part; empty content (as clients send) is none."""
+    call = {**CALL, "function": {"name": "get_weather", "arguments": "{}"}}
+    parts = [{"type": "text", "text": "Let me check."}, {"type": "text", "text": "One moment."}]
+    request = {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": parts, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "assistant", "content": "", "tool_calls": [{**call, "id": "call_2"}]},
+            {"role": "tool", "tool_call_id": "call_2", "content": "still sunny"},
+        ],
+    }
+    expected = [
+        h_system(hx),
+        h_developer(hx, tools=[WEATHER]),
+        h_user(hx, "Weather?"),
+        h_assistant(hx, "Let me check.", "commentary"),
+        h_assistant(hx, "One moment.", "commentary"),
+        h_call(hx, "get_weather", "{}"),
+        h_result(hx, "get_weather", "sunny"),
+        h_call(hx, "get_weather", "{}"),
+        h_result(hx, "get_weather", "still sunny"),
+    ]
+    assert_same(tok, hx, request, expected)
+
+
 def test_tool_loop_closed_by_final_drops_its_analysis(tok, hx):
     request = {
         "tools": [WEATHER],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import RotatingKVCache
 
 from conftest import make_tiny_config
 from gptoss_mlx import load_model
@@ -145,3 +146,47 @@ def test_chat_session_reuse_gives_the_same_conversation(model_dir, effort_change
     assert transcripts[0] == transcripts[1]
     assert reused[0] == 0 and reused[1] > 0 and reused[3] > 0
     assert (reused[2] == 0) == effort_change
+
+
+def test_checkpoints_hold_only_the_window_in_order_and_restore_exactly(model):
+    """After a chunked prefill a sliding layer holds window - 1 + last chunk tokens (mlx-lm keeps
+    them so each new token sees a whole window); a checkpoint keeps only the last window, oldest
+    first, and a turn restored from it sees a fresh prefill's logits. Also after a one-token
+    prefill into a ring buffer that has wrapped."""
+    window = model.config.sliding_window
+    pc = PromptCache(model)
+
+    def prefill_and_check(prompt: list[int], chunk: int) -> list[int]:
+        reused = pc.prepare(prompt)
+        prefill(model, prompt[reused:], pc.cache, chunk=chunk)
+        held = [c.keys.shape[2] for c in pc.cache if isinstance(c, RotatingKVCache)]
+        pc.checkpoint(prompt)
+        fresh = model.make_cache()
+        prefill(model, prompt, fresh, chunk=len(prompt))  # one pass: every key, in order
+        assert pc.checkpoints[-1].position == len(prompt)
+        for i, state in pc.checkpoints[-1].rotating.items():
+            keys, values, offset = state[:3]
+            assert keys.shape[2] == values.shape[2] == window and offset == len(prompt)
+            assert mx.allclose(keys, fresh[i].keys[..., -window:, :], atol=1e-5).item()
+            assert mx.allclose(values, fresh[i].values[..., -window:, :], atol=1e-5).item()
+        return held
+
+    def decode(tokens: list[int]) -> None:
+        for t in tokens[:-1]:  # as generation feeds them back: all but the last
+            model(mx.array([[t]]), cache=pc.cache)
+        pc.record(tokens)
+
+    p1 = ids(45, 50)
+    held = prefill_and_check(p1, chunk=16)  # chunks of 16, 16, 13
+    assert held and all(n == window - 1 + 13 for n in held)  # the situation: more than the window
+    decode(ids(12, 51))  # the ring wraps
+    p2 = pc.tokens + ids(1, 52)
+    prefill_and_check(p2, chunk=16)  # a one-token prefill into the wrapped ring
+    decode(ids(5, 53))
+    # Restored from each checkpoint (the generated tokens dropped, as harmony drops reasoning).
+    for base, seed in ((p2, 54), (p1, 55)):
+        prompt = base + ids(20, seed)
+        assert pc.prepare(prompt) == len(base)
+        logits = prefill(model, prompt[len(base) :], pc.cache, chunk=16)
+        assert close(logits, fresh_last_logits(model, prompt))
+        pc.tokens = list(prompt)  # what the cache now holds, for the next prepare

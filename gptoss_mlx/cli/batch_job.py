@@ -12,6 +12,10 @@ gets its line number as id; ids must be unique (a repeat fails as a duplicate).
 Output, one record per non-blank input line, in the order the sequences finish:
   {"id", "line", "final", "reasoning", "tool_calls", "finish_reason", "usage"}
   {"id", "line", "error"}          a line that could not run
+plus "refused_calls" / "unfinished_calls" when the model addressed a tool that is not a declared
+function, or was cut off inside a call (harmony/calls.py). A refused call is answered with a
+"not available" tool message and the line goes on as a new sequence from there (harmony/turn.py),
+as `run_turn` does; its usage counts every segment's generated tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -31,9 +36,10 @@ from ..engine.batching import BatchEngine, BatchRequest, BatchResult
 from ..engine.chat import DEFAULT_MAX_TOKENS, harmony_ids
 from ..engine.generate import SamplingParams
 from ..errors import GptOssError, UsageError
-from ..harmony.parser import parse_completion
+from ..harmony.parser import parse_messages
 from ..harmony.render import check_date, render_prompt
 from ..harmony.request import EFFORTS, ChatMessage, ChatRequest, parse_chat_request
+from ..harmony.turn import AssistantTurn
 from .batch_files import (
     BatchSummary,
     InputLine,
@@ -87,6 +93,10 @@ class BatchItem:
     max_tokens: int
     sampling: SamplingParams
     prompt: list[int] | None = None
+    # The turn so far, across segments (a refused call continues it): harmony/turn.py.
+    turn: AssistantTurn | None = None
+    tokens: list[int] = field(default_factory=list)  # after the prompt: generated and refusals
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -234,17 +244,45 @@ def _sampling(obj: dict[str, Any], base: SamplingParams, line_id: str | int) -> 
     return params
 
 
+def continue_item(
+    item: BatchItem, result: BatchResult, tokenizer: Any, max_context: int
+) -> BatchRequest | None:
+    """Add a finished sequence to its line's turn. Returns the request for the turn's next
+    segment when the model called a tool that is not available (the refusal appended, within
+    what is left of max_tokens and the context), else None: the line is done."""
+    if item.turn is None:
+        item.turn = AssistantTurn(t.name for t in item.request.tools)
+    if result.finish_reason == "error":
+        return None
+    item.tokens += result.tokens
+    item.completion_tokens += result.completion_tokens
+    ids = harmony_ids(tokenizer)
+    call = item.turn.add(*parse_messages(result.tokens, tokenizer.decode_bytes, ids))
+    if call is None:
+        return None
+    reply = item.turn.reply(call, tokenizer)
+    prompt = item.prompt + item.tokens + reply
+    left = item.max_tokens - item.completion_tokens
+    if left < 1 or len(prompt) >= max_context:
+        item.turn.out_of_room()
+        return None
+    item.tokens += reply
+    return BatchRequest(prompt, left, item.sampling, id=item.line)
+
+
 def result_record(item: BatchItem, result: BatchResult, tokenizer: Any) -> dict[str, Any]:
-    """The output record of a finished sequence (an error record if it failed)."""
+    """The output record of a finished line (an error record if its last sequence failed);
+    `continue_item` has already added `result` to the line's turn."""
     if result.finish_reason == "error":
         return LineFailure(item.id, item.line, result.error or "failed").record()
-    parsed = parse_completion(result.tokens, tokenizer.decode_bytes, harmony_ids(tokenizer))
+    parsed = item.turn.result()
+    prompt_tokens = len(item.prompt)
     usage = {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": item.completion_tokens,
+        "total_tokens": prompt_tokens + item.completion_tokens,
     }
-    return {
+    record = {
         "id": item.id,
         "line": item.line,
         "final": parsed.final,
@@ -254,6 +292,11 @@ def result_record(item: BatchItem, result: BatchResult, tokenizer: Any) -> dict[
         "finish_reason": parsed.finish_reason,
         "usage": usage,
     }
+    if parsed.refused_calls:
+        record["refused_calls"] = parsed.refused_calls
+    if parsed.unfinished_calls:
+        record["unfinished_calls"] = parsed.unfinished_calls
+    return record
 
 
 # --------------------------------------------------------------------------- the run
@@ -299,12 +342,13 @@ class BatchJob:
         )
         self.summary = BatchSummary()
         self._t0 = time.perf_counter()
+        self._tokens_before = 0  # generated in earlier engine runs (rounds of follow-ups)
 
     def live(self) -> tuple[int, int, int, float]:
         """(lines done, errors, tokens generated, seconds) now, unfinished sequences' tokens
         included: what the progress bar shows. Safe to call from another thread."""
         s = self.summary
-        tokens = self.engine.stats.completion_tokens
+        tokens = self._tokens_before + self.engine.stats.completion_tokens
         return s.records + s.skipped, s.errors, tokens, time.perf_counter() - self._t0
 
     def run(
@@ -315,6 +359,7 @@ class BatchJob:
         t0 = self._t0 = time.perf_counter() - s.seconds
         pending: dict[int, BatchItem] = {}
         seen: dict[str, int] = {}  # id_key -> the line that first used it
+        follow_ups: deque[BatchRequest] = deque()  # next segments of lines (continue_item)
 
         def emit(record: dict[str, Any]) -> None:
             write(record)
@@ -326,8 +371,13 @@ class BatchJob:
             if "error" in record and self.fail_fast:
                 raise _FailFast
 
+        def drain() -> Iterator[BatchRequest]:
+            while follow_ups:
+                yield follow_ups.popleft()
+
         def feed() -> Iterator[BatchRequest]:
             for line in lines:
+                yield from drain()
                 item = parse_line(line, self.defaults)
                 key = id_key(item.id)
                 if isinstance(item, BatchItem) or item.id_known:
@@ -347,13 +397,26 @@ class BatchJob:
                 yield BatchRequest(item.prompt, item.max_tokens, item.sampling, id=item.line)
 
         try:
-            for result in self.engine.run(feed()):
-                item = pending.pop(result.id)
-                record = result_record(item, result, self.tokenizer)
-                if "error" not in record:
-                    s.prompt_tokens += result.prompt_tokens
-                    s.completion_tokens += result.completion_tokens
-                emit(record)
+            requests = feed()
+            while True:
+                for result in self.engine.run(requests):
+                    item = pending[result.id]
+                    limit = self.engine.max_context
+                    follow_up = continue_item(item, result, self.tokenizer, limit)
+                    if follow_up is not None:
+                        follow_ups.append(follow_up)
+                        continue
+                    del pending[result.id]
+                    record = result_record(item, result, self.tokenizer)
+                    if "error" not in record:
+                        s.prompt_tokens += record["usage"]["prompt_tokens"]
+                        s.completion_tokens += record["usage"]["completion_tokens"]
+                    emit(record)
+                # Follow-ups made after the input ran out run as one more round.
+                self._tokens_before += self.engine.stats.completion_tokens
+                if not follow_ups:
+                    break
+                requests = drain()
         except _FailFast:
             pass
         finally:

@@ -53,6 +53,14 @@ class TurnPrinter:
         elif ev.kind == "tool_call":
             call = ev.tool_call or {}
             self._side(f"[tool call] {call.get('name')}({call.get('arguments')})\n")
+        elif ev.kind == "refused_call":
+            call = ev.tool_call or {}
+            self._side(f"[not available: {call.get('name')}({call.get('arguments')}); not run]\n")
+        elif ev.kind == "unfinished_call":
+            call = ev.tool_call or {}
+            self._side(
+                f"[tool call cut off: {call.get('name')}({call.get('arguments')}; not run]\n"
+            )
         else:  # final, and anything unusual: shown, never dropped
             self.out.write(ev.text)
             self.out.flush()

@@ -32,6 +32,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
 
 from ..errors import GptOssError, UsageError
+from ..harmony.parser import HarmonyIds
 from .generate import NonFiniteLogitsError, SamplingParams, prefill
 
 # The error of a sequence whose logits went NaN or infinite (where `generate` would raise
@@ -41,8 +42,10 @@ _NON_FINITE = (
     "the weights may be corrupt: run `gptoss-mlx verify` on the model folder"
 )
 
-# harmony's stop tokens: <|return|> (final answer done) and <|call|> (tool call).
-HARMONY_STOP_IDS = (200002, 200012)
+# gpt-oss's stop tokens, as `run_turn` and `batch` stop: <|return|> (final answer done), <|call|>
+# (tool call) and <|endoftext|> (the third eos id of its generation_config).
+_IDS = HarmonyIds()  # o200k_harmony's
+HARMONY_STOP_IDS = (_IDS.return_, _IDS.call, _IDS.endoftext)
 
 
 @dataclass

@@ -3,29 +3,35 @@ channels back as events, and keep a conversation's history the way gpt-oss was t
 
 `run_turn` is the one-shot building block (used by `generate` and `batch`); `ChatSession` is a
 conversation (used by `chat` and the library API).
+
+Tool calls follow harmony/calls.py: only a `<|call|>` to a declared `functions.NAME` is a tool
+call; a call to anything else is answered inside the turn with "not available" and the model goes
+on (harmony/turn.py); a call cut off before `<|call|>` is reported as unfinished, never run.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..harmony.calls import CALL, REFUSED, call_kind, function_name
 from ..harmony.parser import (
     ContentDelta,
     HarmonyIds,
     HarmonyStreamParser,
+    Message,
     MessageEnd,
     MessageStart,
-    build_result,
     message_kind,
 )
 from ..harmony.render import check_date, render_prompt
 from ..harmony.request import EFFORTS, ChatRequest, parse_chat_request
+from ..harmony.turn import AssistantTurn
 from .generate import GenerationStats, SamplingParams, generate_tokens
 from .prompt_cache import PromptCache
 
@@ -37,8 +43,11 @@ class TurnEvent:
     """What the model is writing, as it writes it.
 
     kind: "reasoning" (analysis channel), "preamble" (commentary shown to the user), "final"
-    (the answer), "tool_call" (a complete call, in `tool_call`), "other" (text with no usual
-    home; shown rather than dropped).
+    (the answer), "tool_call" (a function call, in `tool_call`), "refused_call" (a call to a tool
+    that is not declared, e.g. `browser.search`: not run, the model is told so and goes on),
+    "unfinished_call" (a call cut off before `<|call|>`: never run), "other" (text with no usual
+    home; shown rather than dropped). A tool_call's `name` is the function's; for the refused and
+    unfinished kinds it is the recipient as written ("browser.search", "functions.get_weather").
     """
 
     kind: str
@@ -56,8 +65,11 @@ class TurnResult:
     completion_tokens: int
     stats: GenerationStats = field(default_factory=GenerationStats)
     preambles: list[str] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)  # what the model generated
+    # Every token after the prompt: what the model generated, and any refusal it was answered with.
+    tokens: list[int] = field(default_factory=list)
     reused_tokens: int = 0  # prompt tokens that came from the cache instead of a prefill
+    refused_calls: list[dict[str, str]] = field(default_factory=list)  # {recipient, arguments}
+    unfinished_calls: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -68,17 +80,38 @@ class TurnResult:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The result record; `refused_calls` and `unfinished_calls` appear only when present."""
+        out: dict[str, Any] = {
             "final": self.final,
             "reasoning": self.reasoning,
             "tool_calls": self.tool_calls,
             "finish_reason": self.finish_reason,
             "usage": self.usage,
         }
+        if self.refused_calls:
+            out["refused_calls"] = self.refused_calls
+        if self.unfinished_calls:
+            out["unfinished_calls"] = self.unfinished_calls
+        return out
 
     def assistant_message(self) -> dict[str, Any]:
-        """The turn as an OpenAI-shaped assistant message, for the conversation's history."""
-        msg: dict[str, Any] = {"role": "assistant", "content": self.final or None}
+        """The turn as an OpenAI-shaped assistant message, for the conversation's history.
+
+        A tool-call turn keeps what the model wrote before calling as `content` (one preamble: a
+        string; several: one text part each), which renders back as its commentary messages
+        (harmony/render.py). Otherwise `content` is the answer; a turn with no answer shows what
+        the user saw of it (its commentary), and one that showed nothing stores "" so the history
+        stays a valid request. Refused and unfinished calls are not kept (harmony/turn.py).
+        """
+        msg: dict[str, Any] = {"role": "assistant"}
+        preambles = [p for p in self.preambles if p]
+        if self.tool_calls:
+            parts = [{"type": "text", "text": p} for p in preambles]
+            msg["content"] = preambles[0] if len(preambles) == 1 else (parts or None)
+        else:
+            msg["content"] = self.final or "\n".join(preambles) or None
+            if msg["content"] is None and not self.reasoning:
+                msg["content"] = ""
         if self.reasoning:
             msg["reasoning_content"] = self.reasoning
         if self.tool_calls:
@@ -111,6 +144,7 @@ def run_turn(
     call_id_prefix: str = "call_",
     cache: list[Any] | None = None,
     on_prefilled: Callable[[], None] | None = None,
+    functions: Collection[str] = (),
 ) -> TurnResult:
     """Generate one assistant turn after a harmony `prompt` ending in `<|start|>assistant`.
 
@@ -118,12 +152,74 @@ def run_turn(
     id of gpt-oss's generation_config), never on `<|end|>`, which the model writes between its
     analysis and its answer. With `cache`, `prompt` is only the part after what the cache holds
     (see `generate_tokens`).
+
+    `functions` are the declared function names: only a call to `functions.NAME` for one of them
+    is a tool call (finish reason "tool_calls"). A call to any other recipient is answered in the
+    same cache with a tool message saying it is not available, and generation goes on (at most
+    `harmony.turn.MAX_REFUSALS` times), all within `max_tokens` generated tokens in total.
     """
     ids = harmony_ids(tokenizer)
-    parser = HarmonyStreamParser(tokenizer.decode_bytes, ids)
+    turn = AssistantTurn(functions)
     stats = GenerationStats()
-    kind = "final"
     emit = on_event or (lambda _e: None)
+    cache = cache if cache is not None else model.make_cache()  # kept to continue after a refusal
+    start = cache[0].offset if cache else 0
+    limit = max_context or model.config.max_position_embeddings
+    segment = list(prompt)
+    tokens: list[int] = []  # every token after the prompt: generated, and refusals fed in
+    generated = 0
+    while True:
+        parser = HarmonyStreamParser(tokenizer.decode_bytes, ids)
+        handle = _event_handler(emit, turn.functions)
+        part = GenerationStats()
+        for token in generate_tokens(
+            model,
+            segment,
+            max_tokens=max_tokens - generated,
+            stop_ids=(ids.return_, ids.call, ids.endoftext),
+            sampling=sampling,
+            max_context=max_context,
+            stats=part,
+            cache=cache,
+            on_prefilled=on_prefilled if not tokens else None,
+        ):
+            tokens.append(token)
+            handle(parser.feed(token))
+        handle(parser.finish())
+        generated += part.generation_tokens
+        _add_stats(stats, part)
+        call = turn.add(parser.messages, parser.stopped_by)
+        if call is None:
+            break
+        # What was generated but not fed back (the `<|call|>` token) leads the next segment.
+        held = cache[0].offset
+        reply = turn.reply(call, tokenizer)
+        segment = tokens[held - start - len(prompt) :] + reply
+        if generated >= max_tokens or held + len(segment) >= limit:
+            turn.out_of_room()
+            break
+        tokens += reply
+    res = turn.result(id_prefix=call_id_prefix)
+    return TurnResult(
+        final=res.final,
+        reasoning=res.reasoning,
+        tool_calls=res.tool_calls,
+        finish_reason=res.finish_reason,
+        prompt_tokens=len(prompt),
+        completion_tokens=generated,
+        stats=stats,
+        preambles=list(res.preambles),
+        tokens=tokens,
+        refused_calls=res.refused_calls,
+        unfinished_calls=res.unfinished_calls,
+    )
+
+
+def _event_handler(
+    emit: Callable[[TurnEvent], None], functions: Collection[str]
+) -> Callable[[list], None]:
+    """Turn one segment's parser events into TurnEvents; a call's text is never streamed."""
+    kind = "final"
 
     def handle(events: list) -> None:
         nonlocal kind
@@ -133,44 +229,28 @@ def run_turn(
             elif isinstance(ev, ContentDelta) and kind != "tool_call":
                 emit(TurnEvent(kind, ev.text))
             elif isinstance(ev, MessageEnd) and message_kind(ev.message) == "tool_call":
-                name = ev.message.recipient or ""
-                name = name.removeprefix("functions.")
-                emit(
-                    TurnEvent(
-                        "tool_call", tool_call={"name": name, "arguments": ev.message.content}
-                    )
-                )
+                emit(_call_event(ev.message, functions))
 
-    tokens: list[int] = []
-    for token in generate_tokens(
-        model,
-        prompt,
-        max_tokens=max_tokens,
-        stop_ids=(ids.return_, ids.call, ids.endoftext),
-        sampling=sampling,
-        max_context=max_context,
-        stats=stats,
-        cache=cache,
-        on_prefilled=on_prefilled,
-    ):
-        tokens.append(token)
-        handle(parser.feed(token))
-    handle(parser.finish())
-    res = build_result(parser.messages, parser.stopped_by, id_prefix=call_id_prefix)
-    finish = res.finish_reason
-    if stats.finish_reason == "length" and parser.stopped_by is None:
-        finish = "length"
-    return TurnResult(
-        final=res.final,
-        reasoning=res.reasoning,
-        tool_calls=res.tool_calls,
-        finish_reason=finish,
-        prompt_tokens=len(prompt),
-        completion_tokens=stats.generation_tokens,
-        stats=stats,
-        preambles=list(res.preambles),
-        tokens=tokens,
-    )
+    return handle
+
+
+def _call_event(message: Message, functions: Collection[str]) -> TurnEvent:
+    what = call_kind(message, functions)
+    if what == CALL:
+        name = function_name(message.recipient, functions)
+        return TurnEvent("tool_call", tool_call={"name": name, "arguments": message.content})
+    call = {"name": message.recipient, "arguments": message.content}
+    return TurnEvent("refused_call" if what == REFUSED else "unfinished_call", tool_call=call)
+
+
+def _add_stats(total: GenerationStats, part: GenerationStats) -> None:
+    """Add one segment's figures to the turn's (the finish reason is the last segment's)."""
+    total.prompt_tokens += part.prompt_tokens
+    total.prompt_seconds += part.prompt_seconds
+    total.generation_tokens += part.generation_tokens
+    total.generation_seconds += part.generation_seconds
+    total.peak_memory_bytes = max(total.peak_memory_bytes, part.peak_memory_bytes)
+    total.finish_reason = part.finish_reason
 
 
 class ChatSession:
@@ -178,8 +258,10 @@ class ChatSession:
 
     The history is kept in the OpenAI chat shape; each turn renders it with the harmony rules
     (a finished turn's reasoning is dropped, an open tool loop keeps it, stored answers end in
-    `<|end|>`). The date in the system message is pinned when the session starts so every turn
-    renders the same prefix.
+    `<|end|>`). Each turn is stored by `TurnResult.assistant_message`: a tool-call turn keeps
+    its preamble, and only calls to the declared tools are ever stored, so whatever the model
+    writes the history stays a valid request. The date in the system message is pinned when the
+    session starts so every turn renders the same prefix.
     """
 
     def __init__(
@@ -239,7 +321,8 @@ class ChatSession:
         self, new: list[dict[str, Any]], on_event: Callable[[TurnEvent], None] | None
     ) -> TurnResult:
         msgs = self.messages + new
-        prompt = render_prompt(self.request(msgs), self.tokenizer, date=self.date)
+        request = self.request(msgs)
+        prompt = render_prompt(request, self.tokenizer, date=self.date)
         pc = self.prompt_cache
         reused = pc.prepare(prompt) if pc is not None else 0
         result = run_turn(
@@ -253,6 +336,7 @@ class ChatSession:
             call_id_prefix=f"call_{self.turns}_",
             cache=pc.cache if pc is not None else None,
             on_prefilled=(lambda: pc.checkpoint(prompt)) if pc is not None else None,
+            functions=[t.name for t in request.tools],
         )
         if pc is not None:
             pc.record(result.tokens)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+
+from .calls import CALL, REFUSED, UNFINISHED, addressed, call_kind, function_name
 
 CHANNEL, CONSTRAIN, MESSAGE = "<|channel|>", "<|constrain|>", "<|message|>"
 _LITERAL = {"channel": CHANNEL, "constrain": CONSTRAIN, "message": MESSAGE}
@@ -270,8 +272,10 @@ def _salvage(text: str, role: str | None) -> tuple[MessageStart, str]:
 class HarmonyResult:
     """A whole completion, sorted for a chat API.
 
-    `finish_reason` is "tool_calls" (stopped on <|call|> with a tool call), "stop" (any other stop
-    token) or "length" (the stream ended without one).
+    `finish_reason` is "tool_calls" (stopped on <|call|> with a function call), "stop" (any other
+    stop token) or "length" (the stream ended without one). `tool_calls` holds only function
+    calls; `refused_calls` and `unfinished_calls` the other addressed messages (harmony/calls.py),
+    as {"recipient", "arguments"}.
     """
 
     final: str = ""
@@ -280,6 +284,8 @@ class HarmonyResult:
     tool_calls: list[dict] = field(default_factory=list)
     finish_reason: str = "length"
     messages: list[Message] = field(default_factory=list)
+    refused_calls: list[dict] = field(default_factory=list)
+    unfinished_calls: list[dict] = field(default_factory=list)
 
 
 def message_kind(message: MessageStart | Message) -> str:
@@ -296,9 +302,17 @@ def message_kind(message: MessageStart | Message) -> str:
 
 
 def build_result(
-    messages: list[Message], stopped_by: str | None, id_prefix: str = "call_"
+    messages: list[Message],
+    stopped_by: str | None,
+    id_prefix: str = "call_",
+    *,
+    functions: Collection[str] = (),
 ) -> HarmonyResult:
-    """Sort parsed messages into a HarmonyResult; tool call ids are `id_prefix` + a counter."""
+    """Sort parsed messages into a HarmonyResult; tool call ids are `id_prefix` + a counter.
+
+    `functions`: the declared function names. Only a `<|call|>` to `functions.NAME` with NAME
+    among them is a tool call (harmony/calls.py); with none declared, no message is.
+    """
     result = HarmonyResult(messages=list(messages))
     reasoning: list[str] = []
     for message in messages:
@@ -310,16 +324,37 @@ def build_result(
         elif kind == "preamble":
             result.preambles.append(message.content)
         elif kind == "tool_call":
-            name = message.recipient.removeprefix("functions.")
-            call_id = f"{id_prefix}{len(result.tool_calls)}"
-            function = {"name": name, "arguments": message.content}
-            result.tool_calls.append({"id": call_id, "type": "function", "function": function})
+            call = call_kind(message, functions)
+            if call == CALL:
+                name = function_name(message.recipient, functions)
+                call_id = f"{id_prefix}{len(result.tool_calls)}"
+                function = {"name": name, "arguments": message.content}
+                result.tool_calls.append({"id": call_id, "type": "function", "function": function})
+            elif call == REFUSED:
+                result.refused_calls.append(addressed(message))
+            elif call == UNFINISHED:
+                result.unfinished_calls.append(addressed(message))
     result.reasoning = "\n".join(reasoning)
-    if stopped_by == "call" and result.tool_calls:
-        result.finish_reason = "tool_calls"
+    if stopped_by == "call" and messages and call_kind(messages[-1], functions) == CALL:
+        result.finish_reason = "tool_calls"  # the completion ends on a function call
     elif stopped_by is not None:
         result.finish_reason = "stop"
     return result
+
+
+def parse_messages(
+    token_ids: Iterable[int],
+    decode_bytes: Callable[[list[int]], bytes],
+    ids: HarmonyIds = HarmonyIds(),
+    *,
+    role: str | None = "assistant",
+) -> tuple[list[Message], str | None]:
+    """The finished messages of a whole generated completion, and the stop token that ended it."""
+    parser = HarmonyStreamParser(decode_bytes, ids, role=role)
+    for token_id in token_ids:
+        parser.feed(token_id)
+    parser.finish()
+    return parser.messages, parser.stopped_by
 
 
 def parse_completion(
@@ -329,10 +364,9 @@ def parse_completion(
     *,
     role: str | None = "assistant",
     id_prefix: str = "call_",
+    functions: Collection[str] = (),
 ) -> HarmonyResult:
-    """Parse a whole generated completion (the tokens after the prompt) into a HarmonyResult."""
-    parser = HarmonyStreamParser(decode_bytes, ids, role=role)
-    for token_id in token_ids:
-        parser.feed(token_id)
-    parser.finish()
-    return build_result(parser.messages, parser.stopped_by, id_prefix)
+    """Parse a whole generated completion (the tokens after the prompt) into a HarmonyResult;
+    `functions` are the declared function names (see `build_result`)."""
+    messages, stopped_by = parse_messages(token_ids, decode_bytes, ids, role=role)
+    return build_result(messages, stopped_by, id_prefix, functions=functions)

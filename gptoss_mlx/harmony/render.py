@@ -9,8 +9,11 @@ separately, so user or tool text spelling "<|start|>" cannot forge a control tok
 Choices made here (documented because the request format leaves them open):
 - System and developer messages of the request, wherever they sit, become the `# Instructions` of
   the one harmony developer message, in order, joined by a blank line ("\\n\\n").
-- An assistant message renders as: analysis (its reasoning), then its content (a commentary
-  preamble when it also makes tool calls, the final answer otherwise), then one message per call.
+- An assistant message renders as: analysis (its reasoning), then its content, then one message
+  per call. With tool calls, its content is what the model wrote before calling: each text part is
+  one commentary message (`<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>`,
+  openai-harmony's rendering of a preamble), so a stored tool turn renders back as written. Without
+  tool calls, content is the final answer (parts joined with a newline).
 - Tool calls carry the recipient after the role (`<|start|>assistant to=functions.f<|channel|>
   commentary <|constrain|>json<|message|>...<|call|>`), which is openai-harmony's form.
 - Analysis is kept only in the open tool loop: the messages after the last user message, while
@@ -120,8 +123,8 @@ def _assistant_messages(message: ChatMessage, keep_analysis: bool) -> list[Harmo
     if message.reasoning and keep_analysis:
         out.append(HarmonyMessage("assistant", message.reasoning, channel="analysis"))
     if message.tool_calls:
-        if message.content:
-            out.append(HarmonyMessage("assistant", message.content, channel="commentary"))
+        for preamble in message.preambles:
+            out.append(HarmonyMessage("assistant", preamble, channel="commentary"))
         for call in message.tool_calls:
             out.append(
                 HarmonyMessage(
@@ -180,6 +183,14 @@ def _encode_pieces(pieces: list[Piece], tokenizer: Tokenizer) -> list[int]:
 
 
 GENERATION_PROMPT: list[Piece] = [Control("<|start|>"), "assistant"]
+
+
+def encode_messages(
+    messages: list[HarmonyMessage], tokenizer: Tokenizer, *, generation_prompt: bool = False
+) -> list[int]:
+    """`messages` as ids (plus `<|start|>assistant` with `generation_prompt`), as in a prompt."""
+    pieces = [p for m in messages for p in m.pieces()]
+    return _encode_pieces(pieces + (GENERATION_PROMPT if generation_prompt else []), tokenizer)
 
 
 def render_prompt_prefix(

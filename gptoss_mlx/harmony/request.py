@@ -7,6 +7,13 @@ Messages: system / developer / user with `content`; assistant with `content`, `r
 `name`. `content` is a string or a list of {"type": "text", "text": ...} parts (joined with "\n").
 Other top-level fields (model, temperature, stream, ...) are left to the caller.
 
+An assistant message with both `content` and `tool_calls` (which the Chat Completions shape
+allows) is a turn that wrote text before calling: in harmony, a commentary-channel preamble
+("Let me check the weather.") before the `to=functions.NAME` calls. Its content is kept as
+`preambles`, one commentary message per text part (a plain string is one part; empty parts, which
+clients send with tool calls, are none). Without `tool_calls`, content is the final answer.
+
+
 Every problem raises UsageError naming the field, e.g. "messages[2].role: unknown role 'bot'".
 """
 
@@ -45,6 +52,8 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    # An assistant message with tool_calls: the commentary it wrote before them, one message each.
+    preambles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,8 +118,16 @@ def _kind(value: Any) -> str:
 
 
 def _parse_content(value: Any, where: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    parts = _parse_parts(value, where)
+    return None if parts is None else "\n".join(parts)
+
+
+def _parse_parts(value: Any, where: str) -> list[str] | None:
+    """`content` as its text parts: a string is one part."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
     if not isinstance(value, list):
         raise UsageError(f"{where}: expected a string or a list of text parts, got {_kind(value)}")
     texts = []
@@ -124,7 +141,7 @@ def _parse_content(value: Any, where: str) -> str | None:
         if not isinstance(part.get("text"), str):
             raise UsageError(f"{where}[{j}].text: expected a string")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return texts
 
 
 def _parse_message(raw: Any, where: str, call_names: dict[str, str]) -> ChatMessage:
@@ -135,9 +152,10 @@ def _parse_message(raw: Any, where: str, call_names: dict[str, str]) -> ChatMess
         raise UsageError(
             f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})"
         )
-    content = _parse_content(raw.get("content"), f"{where}.content")
+    parts = _parse_parts(raw.get("content"), f"{where}.content")
+    content = None if parts is None else "\n".join(parts)
     if role == "assistant":
-        return _parse_assistant(raw, where, content)
+        return _parse_assistant(raw, where, content, parts or [])
     if content is None:
         raise UsageError(f"{where}.content: a {role} message needs content")
     if role != "tool":
@@ -157,7 +175,7 @@ def _parse_message(raw: Any, where: str, call_names: dict[str, str]) -> ChatMess
     return ChatMessage("tool", content, tool_call_id=call_id, name=name)
 
 
-def _parse_assistant(raw: dict, where: str, content: str | None) -> ChatMessage:
+def _parse_assistant(raw: dict, where: str, content: str | None, parts: list[str]) -> ChatMessage:
     reasoning = None
     for key in REASONING_KEYS:
         if raw.get(key) is not None:
@@ -169,7 +187,8 @@ def _parse_assistant(raw: dict, where: str, content: str | None) -> ChatMessage:
     tool_calls = tuple(_parse_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls))
     if content is None and not reasoning and not tool_calls:
         raise UsageError(f"{where}: an assistant message needs content, reasoning or tool_calls")
-    return ChatMessage("assistant", content, reasoning or None, tool_calls)
+    preambles = tuple(p for p in parts if p) if tool_calls else ()
+    return ChatMessage("assistant", content, reasoning or None, tool_calls, preambles=preambles)
 
 
 def _parse_tool_call(raw: Any, where: str) -> ToolCall:

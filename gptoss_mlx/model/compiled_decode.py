@@ -10,6 +10,15 @@ a ring of `sliding_window` slots, slot = position mod window, which is all the w
 
 `CompiledDecoder.start` takes over mlx-lm caches after prefill; `finish` writes the state back into
 them, so callers (chat cache reuse, checkpoints) keep seeing ordinary mlx-lm caches.
+
+A trace is a recording: it replays the operations and holds the weight arrays that the forward
+pass met the first time, whatever the model holds now. So each model's trace is kept only while
+what it recorded still holds (`model_state`): the same weight arrays (`model.update(...)`, a
+reload, sharding all swap them), the same plain settings of every module (`model.dtype`, an
+attention `scale`, a module's class) and of the modules whose globals the forward pass reads
+(`moe.SORT_THRESHOLD`, `transformer.SHARED_ROTATION`), and the same default device. Anything
+else changed must come before the first decode step, or a new model be used: notably writing into
+a weight array in place (`w[...] = x` keeps the array and changes its value).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from . import moe, transformer
 from .transformer import GptOss
 
 # Full-attention buffers grow by this many slots: unused slots are masked but still read by the
@@ -110,8 +120,9 @@ class _Program:
     shapes of an earlier one replays that trace instead of tracing again (about 65 ms for 24
     layers on this project's CPU machines)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, state: tuple = ()):
         self.model = weakref.ref(model)  # the trace holds the weights, not the model
+        self.state_key = state  # model_state(model) when made: what its trace will record
         self.static: list[StaticKVCache] = []  # the caches the step reads while being traced
         # mx.compile reads and rewrites the arrays of these dicts around every call.
         self.state: list[dict[str, mx.array]] = []
@@ -130,15 +141,33 @@ class _Program:
 
 _PROGRAMS: dict[int, _Program] = {}
 
+_SCALARS = (bool, int, float, str, type(None), mx.Dtype)
+
+
+def model_state(model: Any) -> tuple:
+    """What a decode trace of `model` depends on beyond its inputs' shapes: the identity of every
+    array its modules hold, each module's class and plain settings, the globals of the model
+    modules that the forward pass reads, and the default device (about 2 ms for 24 layers)."""
+    parts: list[Any] = [str(mx.default_device()), moe.SORT_THRESHOLD, transformer.SHARED_ROTATION]
+    for name, module in model.named_modules():
+        arrays = tuple((k, id(v)) for k, v in module.items() if isinstance(v, mx.array))
+        settings = tuple((k, v) for k, v in vars(module).items() if isinstance(v, _SCALARS))
+        parts.append((name, type(module), arrays, settings))
+    return tuple(parts)
+
 
 def _program_for(model: Any) -> _Program:
     key = id(model)
+    state = model_state(model)
     program = _PROGRAMS.get(key)
+    if program is not None and program.busy:  # another generation is under way: trace our own
+        return _Program(model, state)
+    if program is not None and program.state_key == state:
+        return program
     if program is None:
-        program = _PROGRAMS[key] = _Program(model)
         weakref.finalize(model, _PROGRAMS.pop, key, None)
-    elif program.busy:  # another generation with this model is under way: trace our own
-        program = _Program(model)
+    # First use, or the model changed since the trace: the old trace and the weights it holds go.
+    program = _PROGRAMS[key] = _Program(model, state)
     return program
 
 
