@@ -233,6 +233,21 @@ def test_consent_yes_once_always_and_no():
     assert asked == ["run echo({}) on alpha? [y]es, [a]lways, [n]o: "] * 4
 
 
+def test_consent_answers_stay_out_of_the_readline_history():
+    readline = pytest.importorskip("readline", reason="no readline on this platform")
+    readline.clear_history()
+    readline.add_history("what is 2+2?")
+
+    def typed(prompt):  # input() on a terminal adds each line it reads to the history
+        readline.add_history("a")
+        return "a"
+
+    assert Consent(interactive=True).decide(TOOL, "{}", typed) is None
+    n = readline.get_current_history_length()
+    assert [readline.get_history_item(i) for i in range(1, n + 1)] == ["what is 2+2?"]
+    readline.clear_history()
+
+
 def test_consent_options_and_non_interactive_refusal():
     never = asker()[0]
     assert Consent({"echo"}).decide(TOOL, "{}", never) is None

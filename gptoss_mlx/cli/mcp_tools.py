@@ -104,7 +104,9 @@ class Consent:
             return json.dumps({"error": "not allowed: this tool was not approved for this session"})
         prompt = f"run {tool.name}({arguments}) on {tool.server}? [y]es, [a]lways, [n]o: "
         while True:
-            answer = ask(prompt).strip().lower()
+            raw = ask(prompt)
+            _forget_in_history(raw)
+            answer = raw.strip().lower()
             if answer in ("y", "yes"):
                 return None
             if answer in ("a", "always"):
@@ -112,6 +114,14 @@ class Consent:
                 return None
             if answer in ("n", "no"):
                 return DECLINED
+
+
+def _forget_in_history(line: str) -> None:
+    """Keep y/a/n out of the chat's readline history (the up arrow should bring back messages)."""
+    rl = sys.modules.get("readline")
+    n = rl.get_current_history_length() if rl is not None else 0
+    if n and line.strip() and rl.get_history_item(n) == line:
+        rl.remove_history_item(n - 1)
 
 
 def _one_line(text: str, limit: int = 120) -> str:
