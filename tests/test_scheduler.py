@@ -33,7 +33,10 @@ from gptoss_mlx.engine.scheduler import (
     TokenEvent,
 )
 from gptoss_mlx.errors import UsageError
+from gptoss_mlx.harmony.render import render_prompt
+from gptoss_mlx.harmony.request import parse_chat_request
 from gptoss_mlx.model.cpu_streams import shard_model, threads_of
+from scripted_chat import DATE, make_tokenizer
 
 VOCAB = 1024
 GREEDY = SamplingParams(temperature=0.0)
@@ -140,7 +143,8 @@ def test_serial_and_concurrent_streams_equal_single_generation(model, prompts, r
 
         def client(i: int) -> None:
             barrier.wait()
-            got[i] = drain(s.submit(request(prompts[i], MAX_TOKENS[i], id=f"c{i}")))
+            # The same id for all: ids name requests in the log, the engine keys its own.
+            got[i] = drain(s.submit(request(prompts[i], MAX_TOKENS[i], id="client")))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
         for t in threads:
@@ -344,3 +348,50 @@ def test_submit_refuses_what_cannot_run(model):
     with pytest.raises(UsageError, match="max_concurrency"):
         Scheduler(model, max_context=20, max_concurrency=0)
     s.close()
+
+
+# --------------------------------------------------------------------------- the prompt store
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A random model with the real vocabulary size (harmony's ids are ~200k) and a tokenizer:
+    o200k_harmony if its vocabulary is here, else a synthetic byte-level one."""
+    tok = make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    cfg = make_tiny_config(num_hidden_layers=2, sliding_window=8, vocab_size=201088)
+    return random_model(cfg, 0), tok
+
+
+def test_a_chat_turn_prefills_only_its_new_messages(chat_model):
+    model, tok = chat_model
+
+    def prompt(messages) -> list[int]:
+        return render_prompt(parse_chat_request({"messages": messages}), tok, date=DATE)
+
+    turns = [[{"role": "user", "content": "What is the capital of France?"}]]
+    answer = {"role": "assistant", "reasoning": "The user asks about France.", "content": "Paris."}
+    turns.append([*turns[0], answer, {"role": "user", "content": "And of Italy?"}])
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns.append(
+        [
+            *turns[1],
+            {"role": "assistant", "reasoning": "Look it up.", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "Rome"},
+        ]
+    )
+    prompts = [prompt(m) for m in turns]
+    stops = Scheduler(model, tok, max_context=CONTEXT).stop_ids
+    with Scheduler(model, tok, max_context=4096, max_concurrency=2) as s:
+        for i, p in enumerate(prompts):
+            tokens, end = drain(s.submit(GenerationRequest(p, 6, GREEDY)))
+            fresh = list(generate_tokens(model, p, max_tokens=6, sampling=GREEDY, stop_ids=stops))
+            assert tokens == fresh
+            # Harmony drops turn 1's reasoning after its final answer, yet each prompt starts
+            # with the previous one: all of it comes from the store.
+            assert end.cached_tokens == (len(prompts[i - 1]) if i else 0)
+            assert end.prompt_tokens == len(p)
+        # Regenerating the last answer: the whole prompt is stored, its last logits too.
+        tokens, end = drain(s.submit(GenerationRequest(prompts[-1], 6, GREEDY)))
+        assert tokens == fresh and end.cached_tokens == len(prompts[-1])
+        assert s.stats["cached_entries"] == 1  # one conversation, one entry
+        assert 0 < s.stats["cached_bytes"] <= s.store.max_bytes

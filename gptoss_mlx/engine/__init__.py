@@ -3,6 +3,9 @@
 generate.py      chunked prefill, then decoding pipelined with mx.async_eval; sampling
 batching.py      continuous batching: many sequences decode together, finished slots refilled
 prompt_cache.py  KV cache reuse across turns, with checkpoints of the sliding-window layers
+prompt_store.py  KV snapshots of recent prompts' ends, reused across a server's requests
+scheduler.py     the server's engine thread: a request queue into batching, token streams out
+request_stream.py  one request's events (tokens, then finished/failed), for threads or asyncio
 chat.py          ChatSession: harmony turns streamed as events, the conversation's history
 memory.py        the memory preflight: weights + KV cache + working memory vs the device
 runtime.py       load(): model + tokenizer; load_for_inference(): preflight first

@@ -7,10 +7,14 @@ One thread owns MLX and runs the continuous-batching engine (batching.py): up to
 touches MLX: it submits, then reads its handle's events (`async for`), and cancels it when the
 client goes away; the sequence then leaves the batch before the next forward pass.
 
+Each prompt goes through the prompt store (prompt_store.py): the longest stored prefix is
+restored and only the rest prefilled, which is what lets a chat's next turn, resent whole by the
+client, start at once; `Finished.cached_tokens` says how much was reused.
+
 Failures stay as small as they can: a sequence whose logits go non-finite fails alone; an
 unexpected exception in the engine fails every request in flight or queued with
 `EngineFailure` (logged with its traceback), and the thread starts a fresh batch, so the server
-keeps serving. Interface agreed with the server side: /work/notes/scheduler_interface.md.
+keeps serving.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..harmony.parser import HarmonyIds
 from .batching import BatchEngine, BatchRequest, BatchResult
 from .chat import harmony_ids
 from .generate import ContextLimitError, SamplingParams
+from .prompt_store import PromptStore
 from .request_stream import Event, Failed, Finished, RequestHandle, TokenEvent
 
 __all__ = [
@@ -48,6 +53,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The prompt store's default budget: about 40k tokens of conversations for gpt-oss-20b (24 KiB
+# per token in its full-attention layers, in bf16), plus their sliding-window checkpoints.
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
 # After this many engine failures in a row with no request finishing in between, the failure is
 # taken to be permanent: the thread stops and `submit` says why, instead of failing forever.
@@ -87,6 +96,7 @@ class GenerationRequest:
 
 @dataclass
 class _Job:
+    key: int
     request: GenerationRequest
     handle: RequestHandle
     submitted: float
@@ -104,7 +114,9 @@ class Scheduler:
         max_context: the most tokens (prompt + generated) one sequence may hold.
         max_concurrency: the most sequences decoding together.
         max_queue: the most requests waiting for a slot; `submit` raises `Busy` beyond.
-        prompt_cache_bytes: the budget of the cross-request prompt store (0: none).
+        prompt_cache_bytes: the budget of the cross-request prompt store (prompt_store.py):
+            KV snapshots of recent prompts' ends, reused by later prompts that start with one
+            (0: no store).
     """
 
     def __init__(
@@ -115,7 +127,7 @@ class Scheduler:
         max_context: int,
         max_concurrency: int = 4,
         max_queue: int = 64,
-        prompt_cache_bytes: int = 0,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     ):
         if max_concurrency < 1:
             raise UsageError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -125,19 +137,18 @@ class Scheduler:
             raise UsageError(f"max_context must be >= 2, got {max_context}")
         if prompt_cache_bytes < 0:
             raise UsageError(f"prompt_cache_bytes must be >= 0, got {prompt_cache_bytes}")
-        if prompt_cache_bytes:
-            raise UsageError("the cross-request prompt store is not built yet: pass 0")
         self.model = model
         self.max_context = max_context
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self.store = None
         ids = harmony_ids(tokenizer) if tokenizer is not None else HarmonyIds()
+        store = PromptStore(prompt_cache_bytes, message_start=ids.start)
+        self.store = store if prompt_cache_bytes else None
         self.stop_ids = (ids.return_, ids.call, ids.endoftext)
         self._vocab = model.config.vocab_size
         self._lock = threading.Condition()
         self._queue: deque[_Job] = deque()
-        self._active: dict[str, _Job] = {}
+        self._active: dict[int, _Job] = {}  # by _Job.key
         self._closing = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
@@ -191,8 +202,9 @@ class Scheduler:
                     f"the server is busy: {len(self._active)} requests are generating and "
                     f"{len(self._queue)} are queued (the most: {self.max_queue}); retry later"
                 )
-            rid = req.id if req.id is not None else f"req-{next(self._ids)}"
-            job = _Job(req, RequestHandle(rid, self._cancel), time.perf_counter())
+            key = next(self._ids)  # the engine's own id: a client's ids need not be unique
+            rid = req.id if req.id is not None else f"req-{key}"
+            job = _Job(key, req, RequestHandle(rid, self._cancel), time.perf_counter())
             self._queue.append(job)
             self._lock.notify_all()
         return job.handle
@@ -270,6 +282,8 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - reported to every request it touched
                 log.exception("the engine failed; failing the requests in flight and queued")
                 self._failures += 1
+                if self.store is not None:
+                    self.store.clear()  # it may hold what the failure left half-made
                 self._failures_in_a_row += 1
                 self._last_failure = f"{type(e).__name__}: {e}"
                 failure = EngineFailure(
@@ -298,7 +312,7 @@ class Scheduler:
                         break
                     self._lock.wait()
                 if job is not None:
-                    self._active[job.handle.id] = job
+                    self._active[job.key] = job
             yield self._batch_request(job) if job is not None else None
 
     def _batch_request(self, job: _Job) -> BatchRequest:
@@ -316,7 +330,7 @@ class Scheduler:
             req.prompt,
             max_tokens=req.max_tokens,
             sampling=req.sampling,
-            id=handle.id,
+            id=job.key,
             stop_ids=req.stop_ids,
             on_token=on_token,
             cancelled=lambda: handle.cancelled or self._closing,
