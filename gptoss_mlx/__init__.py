@@ -18,7 +18,9 @@ The package, one layer per folder; imports only run downward:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# Not `from typing import TYPE_CHECKING`: this module runs before the CLI can catch Ctrl-C
+# (gptoss_mlx/cli/__init__.py), so it imports nothing; type checkers read the name the same way.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 

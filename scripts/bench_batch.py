@@ -163,7 +163,7 @@ def bench_job(args: argparse.Namespace, model: GptOss, rng: np.random.Generator)
     print(f"single loop : {total} tokens in {loop_s:6.2f} s = {loop_tps:7.1f} tokens/s")
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         job = BatchJob(model, tok, defaults=defaults, batch_size=bs, date=date)
-        writer = RecordWriter(open(tmp / f"out-{bs}.jsonl", "wb"), fsync=True)  # noqa: SIM115
+        writer = RecordWriter(open(tmp / f"out-{bs}.jsonl", "wb"), f"out-{bs}.jsonl")  # noqa: SIM115
         try:
             s = job.run(read_lines(io.BytesIO(data)), writer.write)
         finally:

@@ -277,7 +277,7 @@ BAD_LINES = [
     (b'{"id": "n9", "prompt": "a", "max_tokens": 2.5}', "max_tokens: expected an integer"),
     (b'{"id": "n10", "prompt": "a", "temperature": "hot"}', "temperature: expected a number"),
     (b'{"id": "n11", "prompt": "a", "temperature": NaN}', "temperature: expected a finite"),
-    (b'{"id": "n12", "prompt": "a", "top_p": 0}', "top_p must be in (0, 1]"),
+    (b'{"id": "n12", "prompt": "a", "top_p": 0}', "top_p: must be in (0, 1]"),
     (b'{"id": "n13", "prompt": "a", "seed": -1}', "seed: must be in [0"),
     (b'{"id": "n14", "prompt": "a", "reasoning_effort": "max"}', "reasoning_effort"),
     (b'{"id": "n15", "prompt": "a", "tools": [{"function": {"name": "a b"}}]}', "tools[0]"),
@@ -409,7 +409,7 @@ def test_fail_fast_stops_at_the_first_failure(folder, tmp_path):
         (["IN", "-o", "IN", "--overwrite"], "is also the input"),
         (["IN", "--tools", "nope.json"], "nope.json: not found"),
         (["IN", "--date", "yesterday"], "date: expected YYYY-MM-DD"),
-        (["IN", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["IN", "--top-p", "0"], "top_p: must be in (0, 1]"),
     ],
 )
 def test_bad_usage_exits_2_before_loading_or_touching_anything(tmp_path, args, message):

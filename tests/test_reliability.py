@@ -577,13 +577,14 @@ def test_read_only_target_is_one_line(tmp_path, tiny_hf_checkpoint, monkeypatch)
 # --------------------------------------------------------------------------- running
 
 
-def test_prompt_over_max_context_finishes_with_length(chat_folder):
+def test_prompt_over_max_context_is_bad_input(chat_folder):
+    # Issue 17 item 9: this was exit 0 and a JSON result with `prompt_tokens: 0`; more in
+    # tests/test_cli_faults.py (plain, --json, --raw; a prompt that exactly fills the context).
     res = cli(
         "generate", "-m", str(chat_folder), "-p", "word " * 50, "--max-context", "16", "--json"
     )
-    assert res.exit_code == 0, res.output
-    result = json.loads(res.stdout)
-    assert result["finish_reason"] == "length" and result["final"] == ""
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
     assert "context limit is 16" in one_line(res.stderr)
 
 

@@ -130,12 +130,14 @@ def test_small_layers_stay_whole(folder):
 def test_threads_from_the_environment(monkeypatch):
     monkeypatch.setenv(sharding.THREADS_ENV, "3")
     assert sharding.default_threads() == 3
-    for bad in ("0", "-2", "many", ""):
+    for bad in ("0", "-2", "many", "257", "1000"):
         monkeypatch.setenv(sharding.THREADS_ENV, bad)
         with pytest.raises(UsageError, match=sharding.THREADS_ENV):
             sharding.default_threads()
-    monkeypatch.delenv(sharding.THREADS_ENV)
+    monkeypatch.setenv(sharding.THREADS_ENV, "")  # empty: as if unset
     n = sharding.default_threads()
+    monkeypatch.delenv(sharding.THREADS_ENV)
+    assert sharding.default_threads() == n
     if mx.default_device() == mx.cpu:
         assert 1 <= n <= sharding.MAX_THREADS
     else:

@@ -14,9 +14,19 @@ progress.py     the progress bars of long jobs (tqdm)
 
 May import anything below it (engine, harmony, weights, model, convert). Nothing imports it.
 Commands import their heavy modules inside the function, so `--help` loads neither MLX nor mlx-lm.
+
+This is the module the `gptoss-mlx` script imports (`from gptoss_mlx.cli import main`): Ctrl-C
+while it imports click and the commands ends the process with `interrupted` and exit 130, not a
+traceback through the imports; once running, `main.Group` and `handle_errors` do the same.
 """
 
-from . import batch, bench, chat, generate, model_files, models  # noqa: F401  (registers)
-from .main import main
+import sys
+
+try:
+    from . import batch, bench, chat, generate, model_files, models  # noqa: F401  (registers)
+    from .main import main
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 __all__ = ["main"]

@@ -69,16 +69,24 @@ def batch(
       gptoss-mlx batch prompts.jsonl -o results.jsonl --resume
       cut -f2 questions.tsv | gptoss-mlx batch --text - -t 0 > answers.jsonl
 
-    Exit status: 0 every line ok, 1 some lines failed, 2 bad usage, 130 interrupted.
+    -b is the most prompts decoding together; with a FILE it is capped at
+    its number of lines, and memory (the KV cache per sequence) is planned
+    for that many.
+
+    Exit status: 0 every line ok, 1 some lines failed, 2 bad usage, 130
+    interrupted (Ctrl-C, SIGTERM, or stdout closed by its reader, as in
+    `| head`: --resume then needs -o FILE). A write that fails (a full
+    disk) exits 1, keeping what was written; --resume finishes it.
     """
     from gptoss_mlx.convert.resolve import resolve_model
 
     from ..engine.generate import SamplingParams
     from ..engine.runtime import load_for_inference
     from ..harmony.render import check_date
-    from .batch_files import open_input, plan_output
+    from .batch_files import count_lines, open_input, plan_output
     from .batch_job import BatchDefaults, BatchJob, run_batch_file
     from .console import load_tools_file
+    from .streams import require_stdout
 
     tools_file, system, developer = opts["tools_file"], opts["system"], opts["developer"]
     defaults = BatchDefaults(
@@ -100,7 +108,13 @@ def batch(
     date = check_date(date)
     if input_file != "-":
         open_input(input_file).close()
+    lines = count_lines(input_file)
+    if lines is not None:
+        # No more sequences decode together than there are lines: memory is planned for these.
+        batch_size = max(1, min(batch_size, lines))
     plan = plan_output(output, overwrite=overwrite, resume=resume, input_path=input_file)
+    if plan.path is None:
+        require_stdout()
     model, tokenizer, max_context = load_for_inference(
         resolve_model(opts["model"]), opts["max_context"], batch=batch_size
     )

@@ -10,15 +10,17 @@ disk changes before `OutputPlan.open`, which the command calls once the model ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from ..progress import LiveBar
 
 # No prompt that fits gpt-oss's 131k-token context comes near 1 MiB of text; a longer line is
@@ -70,8 +72,12 @@ def read_lines(stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[In
             yield InputLine(number, text)
 
 
-def count_lines(path: str | Path) -> int:
-    """Non-blank lines in a file (for the progress bar's total)."""
+def count_lines(path: str | Path) -> int | None:
+    """Non-blank lines in a regular file (the progress bar's total, the most prompts a run can
+    batch); None for anything else (stdin, a FIFO: counting would consume it)."""
+    path = Path(path).expanduser()
+    if str(path) == "-" or not path.is_file():
+        return None
     with open(path, "rb") as f:
         return sum(1 for raw in f if raw.strip() not in (b"", BOM))
 
@@ -85,7 +91,7 @@ class OutputPlan:
     changed on disk until `open`."""
 
     path: Path | None  # None: stdout
-    mode: str = "new"  # "new", "overwrite" or "resume"
+    mode: str = "new"  # "new", "overwrite", "resume" or "stream" (a FIFO or device)
     done: set[str] = field(default_factory=set)  # id_key of every id with a result record
     kept: int = 0  # result records kept on resume
     dropped_errors: int = 0  # error records dropped on resume (their lines run again)
@@ -109,15 +115,15 @@ class OutputPlan:
     def open(self) -> RecordWriter:
         """Apply the plan (truncate, repair or create the file) and return its writer."""
         if self.path is None:
-            return RecordWriter(sys.stdout.buffer, fsync=False, close=False)
+            return RecordWriter(sys.stdout.buffer, "stdout", close=False)
         try:
             if self.mode == "resume" and self.dropped_errors:
                 _rewrite_results(self.path, self.keep_until)
             elif self.mode == "resume" and self.partial_bytes:
                 os.truncate(self.path, self.keep_until)
             # "x" refuses a file that appeared since the check; "a" keeps resumed records.
-            mode = {"new": "xb", "overwrite": "wb", "resume": "ab"}[self.mode]
-            return RecordWriter(open(self.path, mode), fsync=True)  # noqa: SIM115
+            mode = {"new": "xb", "overwrite": "wb", "resume": "ab", "stream": "wb"}[self.mode]
+            return RecordWriter(open(self.path, mode), str(self.path))  # noqa: SIM115
         except FileExistsError:
             raise UsageError(f"{self.path}: exists; pass --resume or --overwrite") from None
         except OSError as e:
@@ -147,6 +153,10 @@ def plan_output(
         return OutputPlan(path, "new")
     if input_path not in (None, "-") and os.path.samefile(path, input_path):
         raise UsageError(f"{path}: is also the input; write the output to another file")
+    if not path.is_file():  # /dev/null, /dev/stdout on a pipe or terminal, a FIFO
+        if resume:
+            raise UsageError(f"{path}: is not a regular file, so --resume cannot read it back")
+        return OutputPlan(path, "stream")  # nothing on disk to replace: no --overwrite needed
     if overwrite:
         return OutputPlan(path, "overwrite")
     if not resume:
@@ -199,29 +209,60 @@ def _rewrite_results(path: Path, length: int) -> None:
 
 
 class RecordWriter:
-    """Writes records as JSON lines: one write and a flush each, an fsync every `FSYNC_EVERY`."""
+    """Writes records as JSON lines to `stream` (`name` in messages: "stdout" or the path): one
+    write and a flush each, an fsync every `FSYNC_EVERY` when the stream is a regular file (a
+    pipe, FIFO or device has nothing to sync, and fsync fails on it with EINVAL).
 
-    def __init__(self, stream: BinaryIO, *, fsync: bool, close: bool = True):
+    A failed write raises OutputError and ends the run: exit 130 when stdout's reader left
+    (`batch ... | head`: as if interrupted), 1 for anything else (a full disk). What was written
+    stays; a partial last line in a file is what `--resume` repairs."""
+
+    def __init__(self, stream: BinaryIO, name: str, *, close: bool = True):
         self.stream = stream
-        self.fsync = fsync
+        self.name = name
         self.owns = close
         self.written = 0
+        self.failed = False
+        try:
+            self.fsync = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a test's BytesIO)
+            self.fsync = False
+
+    def _fail(self, e: OSError) -> OutputError:
+        self.failed = True
+        done = f"after {self.written} record{'' if self.written == 1 else 's'}"
+        stdout = self.name == "stdout"
+        if isinstance(e, BrokenPipeError):
+            return OutputError(
+                f"{self.name}: its reader closed it {done}; stopped", stdout=stdout, exit_code=130
+            )
+        kept = "" if stdout else "; the records written so far are kept"
+        return OutputError(f"{self.name}: cannot write ({e.strerror}) {done}{kept}", stdout=stdout)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.stream.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.stream.flush()
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+            if self.fsync and (self.written + 1) % FSYNC_EVERY == 0:
+                os.fsync(self.stream.fileno())
+        except OSError as e:
+            raise self._fail(e) from None
         self.written += 1
-        if self.fsync and self.written % FSYNC_EVERY == 0:
-            os.fsync(self.stream.fileno())
 
     def close(self) -> None:
+        """Flush and sync what is left; after a failed write only release the stream."""
         try:
-            self.stream.flush()
-            if self.fsync:
-                os.fsync(self.stream.fileno())
+            if not self.failed:
+                self.stream.flush()
+                if self.fsync:
+                    os.fsync(self.stream.fileno())
+        except OSError as e:
+            raise self._fail(e) from None
         finally:
             if self.owns:
-                self.stream.close()
+                with contextlib.suppress(OSError):  # a buffer a full disk still refuses
+                    self.stream.close()
 
 
 # --------------------------------------------------------------------------- progress

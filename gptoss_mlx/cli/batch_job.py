@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from ..engine.batching import BatchEngine, BatchRequest, BatchResult
 from ..engine.chat import DEFAULT_MAX_TOKENS, harmony_ids
-from ..engine.generate import SamplingParams
-from ..errors import GptOssError, UsageError
+from ..engine.generate import SAMPLING_FIELDS, SamplingParams
+from ..errors import GptOssError, OutputError, UsageError
 from ..harmony.parser import parse_messages
 from ..harmony.render import check_date, render_prompt
 from ..harmony.request import EFFORTS, ChatMessage, ChatRequest, parse_chat_request
@@ -51,7 +50,6 @@ from .batch_files import (
     read_lines,
 )
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
 LINE_FIELDS = ("id", "messages", "prompt", "tools", "reasoning_effort", "max_tokens")
 LINE_FIELDS += SAMPLING_FIELDS
 IGNORED_FIELDS = ("model",)  # OpenAI requests name a model; there is only one here
@@ -134,6 +132,7 @@ def parse_line(line: InputLine, defaults: BatchDefaults) -> BatchItem | LineFail
     except GptOssError as e:
         return LineFailure(line.number, line.number, str(e), id_known=False)
     try:
+        _refuse_surrogates(line.text, obj)  # after the id, so the record carries the line's own
         unknown = [k for k in obj if k not in LINE_FIELDS and k not in IGNORED_FIELDS]
         if unknown:
             raise UsageError(f"{unknown[0]}: unknown field (known: {', '.join(LINE_FIELDS)})")
@@ -163,13 +162,19 @@ def _load_object(text: str) -> dict[str, Any]:
         raise UsageError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise UsageError(f"expected a JSON object, got {type(obj).__name__}")
-    if "\\ud" in text.lower():
-        # json.loads lets "\ud800" through as a lone surrogate, which UTF-8 cannot carry.
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError("contains an unpaired surrogate escape (\\ud800-\\udfff)") from None
     return obj
+
+
+def _refuse_surrogates(text: str, value: Any, where: str = "") -> None:
+    """json.loads lets "\\ud800" through as a lone surrogate, which UTF-8 cannot carry."""
+    if "\\ud" not in text.lower():
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"{where}contains an unpaired surrogate escape (\\ud800-\\udfff)"
+        ) from None
 
 
 def _parse_id(value: Any, number: int) -> str | int:
@@ -177,6 +182,8 @@ def _parse_id(value: Any, number: int) -> str | int:
         return number
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UsageError(f"id: expected a string or an integer, got {type(value).__name__}")
+    if isinstance(value, str):
+        _refuse_surrogates("\\ud", value, "id: ")  # a record could not carry it: use the number
     return value
 
 
@@ -214,33 +221,11 @@ def _int_field(obj: dict[str, Any], key: str, default: int | None, lo: int, hi: 
     return value
 
 
-def _float_field(obj: dict[str, Any], key: str, default: float) -> float:
-    value = obj.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{key}: expected a number, got {type(value).__name__}")
-    value = float(value)  # an int too large for a float raises OverflowError
-    if not math.isfinite(value):
-        raise UsageError(f"{key}: expected a finite number, got {value}")
-    return value
-
-
 def _sampling(obj: dict[str, Any], base: SamplingParams, line_id: str | int) -> SamplingParams:
-    try:
-        seed = _int_field(obj, "seed", None, 0, 2**64)
-        if seed is None and base.seed is not None:
-            seed = line_seed(base.seed, line_id)
-        params = SamplingParams(
-            temperature=_float_field(obj, "temperature", base.temperature),
-            top_p=_float_field(obj, "top_p", base.top_p),
-            top_k=_int_field(obj, "top_k", base.top_k, 0, 2**31),
-            min_p=_float_field(obj, "min_p", base.min_p),
-            seed=seed,
-        )
-    except OverflowError:
-        raise UsageError("a sampling setting is too large a number") from None
-    params.validate()
+    # The line's own fields over the command's defaults, checked as every front end checks them.
+    params = SamplingParams.from_fields(obj, replace(base, seed=None))
+    if params.seed is None and base.seed is not None:
+        params.seed = line_seed(base.seed, line_id)
     return params
 
 
@@ -463,14 +448,14 @@ def run_batch_file(
     show = not quiet and (progress if progress is not None else _isatty(log))
     bar = None
     if show:
-        total = count_lines(input_path) if input_path != "-" else None
+        total = count_lines(input_path)
         bar = batch_progress(log, total, job.live)
         bar.start()
     interrupted = False
     try:
         with _TermAsInterrupt():
             job.run(read_lines(source), writer.write)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, OutputError):  # Ctrl-C, SIGTERM, a full disk, `| head`
         interrupted = True
         raise
     finally:
@@ -487,6 +472,13 @@ def run_batch_file(
                     # The date is part of every prompt: pin it for a resume on another day.
                     hint = f"--resume --date {job.date}"
                     print(f"interrupted: to finish, run the same command with {hint}", file=log)
+                elif interrupted:
+                    print(
+                        "interrupted: the records went to stdout, which --resume cannot read "
+                        "back; --resume needs -o FILE, so write to a file to be able to finish "
+                        "a run later",
+                        file=log,
+                    )
     return job.summary
 
 

@@ -20,7 +20,9 @@ def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
 
     The reasoning streams dim, the answer plain. Type /help inside for commands
     (/effort, /system, /reset, /save, /load, /stats, /quit). With stdin not a terminal,
-    each input line is one user message.
+    each input line is one user message; a line that is not UTF-8 is
+    refused (one error line, the chat goes on), and input that ends inside
+    a \"\"\" block is an error (exit 2).
 
     \b
     Examples:
@@ -34,7 +36,9 @@ def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
     """
     from .mcp_tools import echo_err, mcp_tools
     from .repl import ChatLoop
+    from .streams import require_stdout
 
+    require_stdout()
     interactive = sys.stdin is not None and sys.stdin.isatty()
     with mcp_tools(opts, interactive=interactive, command="chat") as tools:
         session = session_from_options(**opts)

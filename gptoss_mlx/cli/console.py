@@ -7,6 +7,7 @@ import sys
 from typing import TextIO
 
 from ..engine.chat import TurnEvent
+from .streams import guard_stdout
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -62,7 +63,11 @@ class TurnPrinter:
                 f"[tool call cut off: {call.get('name')}({call.get('arguments')}; not run]\n"
             )
         else:  # final, and anything unusual: shown, never dropped
-            self.out.write(ev.text)
+            self._write(ev.text)
+
+    def _write(self, text: str) -> None:
+        with guard_stdout():  # a full disk or /dev/full: one line (OutputError), no traceback
+            self.out.write(text)
             self.out.flush()
 
     def _switch(self, kind: str) -> None:
@@ -75,8 +80,7 @@ class TurnPrinter:
     def end(self) -> None:
         """Close the turn's output with a newline on the stream that was last written."""
         if self._kind in ("final", "other"):
-            self.out.write("\n")
-            self.out.flush()
+            self._write("\n")
         elif self._kind in ("reasoning", "preamble") and self.show_reasoning:
             self._side("\n")
         self._kind = None

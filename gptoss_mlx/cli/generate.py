@@ -36,15 +36,17 @@ def prompt(request_file, ids: bool, model: str | None, date: str | None) -> None
     from ..harmony.render import render_prompt, render_text
     from ..harmony.request import load_chat_request
     from ..harmony.tokenizer import load_default_tokenizer, load_tokenizer
+    from .streams import echo, require_stdout
 
+    require_stdout()
     name = getattr(request_file, "name", "<stdin>")
     name = "stdin" if name in ("<stdin>", "-") else name
     request = load_chat_request(request_file.read(), source=name)
     if not ids:
-        click.echo(render_text(request, date=date))
+        echo(render_text(request, date=date))
         return
     tokenizer = load_tokenizer(model) if model else load_default_tokenizer()
-    click.echo(json.dumps(render_prompt(request, tokenizer, date=date)))
+    echo(json.dumps(render_prompt(request, tokenizer, date=date)))
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -75,16 +77,27 @@ def generate(
     With --mcp the model's calls to the servers' tools run (only those in --allow-tools, or
     all with --yes-tools; generate cannot ask) and it goes on until it answers.
 
+    --raw completes the prompt as plain text: --system, --developer,
+    --tools, --mcp, -r and --show-reasoning do not apply to it and are refused.
+    A prompt that leaves no room in the context (--max-context) is bad
+    input: one error line, exit 2, nothing on stdout (--json and --raw too).
+
     Exit status: 0 ok, 2 bad usage or input, 1 runtime failure.
     """
     import json as _json
 
     from ..errors import UsageError
+    from .streams import check_text, echo, read_stdin_text, require_stdout
 
+    if raw:
+        refuse_with_raw()
+    require_stdout()
     if prompt_text is None:
-        if sys.stdin.isatty():
+        if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt: pass -p TEXT or pipe the prompt on stdin")
-        prompt_text = sys.stdin.read()
+        prompt_text = read_stdin_text()
+    else:
+        check_text(prompt_text, "--prompt")
     if not prompt_text.strip():
         raise UsageError("the prompt is empty")
     from .mcp_tools import echo_err, mcp_tools
@@ -119,11 +132,11 @@ def generate(
             piece = detok.add(t)
             pieces.append(piece)
             if not as_json:
-                click.echo(piece, nl=False)
+                echo(piece, nl=False)
         pieces.append(detok.flush())
         text = "".join(pieces)
         if as_json:
-            click.echo(
+            echo(
                 _json.dumps(
                     {
                         "text": text,
@@ -138,33 +151,53 @@ def generate(
                 )
             )
         else:
-            click.echo(pieces[-1])
+            echo(pieces[-1])
         if verbose:
             click.echo(stats.summary(), err=True)
         return
-    from ..engine.generate import ContextLimitError
     from .console import TurnPrinter
 
     printer = TurnPrinter(show_reasoning=show_reasoning)
-    try:
-        result = session.send(prompt_text, None if as_json else printer)
-    except ContextLimitError as e:
-        # The prompt alone fills the context: finish like a turn that ran out of room.
-        click.echo(f"error: {e}", err=True)
-        if as_json:
-            empty = {"final": "", "reasoning": "", "tool_calls": [], "finish_reason": "length"}
-            click.echo(
-                _json.dumps({**empty, "usage": {"prompt_tokens": 0, "completion_tokens": 0}})
-            )
-        return
+    # A prompt with no room left in the context raises ContextLimitError: bad input, exit 2,
+    # nothing on stdout (in every mode: plain, --json and --raw).
+    result = session.send(prompt_text, None if as_json else printer)
     if tools is not None:
         result = tools.run_rounds(session, result, None if as_json else printer, echo_err)
     if as_json:
         obj = result.to_json() if tools is None else tools.json(result, session)
-        click.echo(_json.dumps(obj, ensure_ascii=False))
+        echo(_json.dumps(obj, ensure_ascii=False))
     else:
         printer.end()
         if result.finish_reason == "length":
             click.echo("[stopped: max tokens or context limit reached]", err=True)
     if verbose:
         click.echo(result.stats.summary(), err=True)
+
+
+# Options that shape a harmony prompt or its channels; a --raw completion has neither.
+_HARMONY_ONLY = {
+    "system": "--system",
+    "developer": "--developer",
+    "tools_file": "--tools",
+    "reasoning_effort": "-r/--reasoning-effort",
+    "show_reasoning": "--show-reasoning",
+    "mcp_config": "--mcp",
+}
+
+
+def refuse_with_raw() -> None:
+    """UsageError naming the options given with --raw that it would otherwise ignore."""
+    from ..errors import UsageError
+
+    ctx = click.get_current_context()
+    named = [
+        flag
+        for name, flag in _HARMONY_ONLY.items()
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    ]
+    if named:
+        raise UsageError(
+            f"--raw completes plain text without harmony: {', '.join(named)} "
+            f"{'does' if len(named) == 1 else 'do'} not apply to it; drop "
+            f"{'it' if len(named) == 1 else 'them'} or drop --raw"
+        )

@@ -28,6 +28,8 @@ def handle_errors(fn):
         except GptOssError as e:
             if debug:
                 raise
+            if getattr(e, "stdout", False):  # OutputError: stdout failed; exiting must not retry
+                _silence_stdout()
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
@@ -90,19 +92,26 @@ def model_options(fn):
             type=float,
             default=1.0,
             show_default=True,
-            help="Sampling temperature; 0 is greedy.",
+            help="Sampling temperature, 0 to 100; 0 is greedy, and so is anything below 1e-5.",
         ),
         click.option(
             "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling."
         ),
         click.option(
-            "--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest (0: off)."
+            "--top-k",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Keep the k likeliest (0, or k at least the vocabulary size: off).",
         ),
         click.option(
             "--min-p", type=float, default=0.0, show_default=True, help="Min-p sampling (0: off)."
         ),
         click.option(
-            "--seed", type=int, default=None, help="Random seed for reproducible sampling."
+            "--seed",
+            type=int,
+            default=None,
+            help="Random seed for reproducible sampling, 0 to 2**64-1.",
         ),
         click.option(
             "-n",
@@ -149,9 +158,12 @@ def session_from_options(
     from ..engine.generate import SamplingParams
     from ..engine.runtime import load_for_inference
     from .console import load_tools_file
+    from .streams import check_text
 
     sampling = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     sampling.validate()
+    system = check_text(system, "--system") if system else system
+    developer = check_text(developer, "--developer") if developer else developer
     tools = load_tools_file(tools_file) if tools_file else []
     instructions = "\n\n".join(t for t in (system, developer) if t) or None
     path = resolve_model(model)
@@ -168,7 +180,21 @@ def session_from_options(
     )
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class Group(click.Group):
+    """The command group; Ctrl-C outside a command's own handling (parsing its options, between
+    commands) is `interrupted` and exit 130 too, not click's `Aborted!` and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="gptoss-mlx")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def main(debug: bool) -> None:

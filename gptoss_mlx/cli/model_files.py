@@ -101,14 +101,19 @@ def verify(folder: str) -> None:
     Example:
       gptoss-mlx verify ~/models/gpt-oss-20b-mlx
     """
+    import sys
     from pathlib import Path
 
-    from ..progress import progress_bar
+    from ..errors import UsageError
+    from ..progress import is_tty, progress_bar
     from ..weights.loading import MANIFEST, read_manifest
     from ..weights.mlx_folder import inspect_mlx_folder, is_mlx_folder
     from ..weights.verify import verify_folder
 
     path = Path(folder).expanduser()
+    folder = str(Path(folder))  # as typed, without a trailing "/": DIR/file, not DIR//file
+    if not path.is_dir():
+        raise UsageError(f"{folder}: no such folder")
     if not (path / MANIFEST).exists() and is_mlx_folder(path):
         # Made by mlx-lm or another tool: no manifest, so no sizes or hashes to check against.
         checked = inspect_mlx_folder(path)
@@ -122,8 +127,9 @@ def verify(folder: str) -> None:
         return
     files = read_manifest(path)
     total = sum(int(m.get("size", 0)) for m in files.values())
-    with progress_bar(total, "verifying", in_bytes=True) as bar:
-        problems = verify_folder(folder, progress=bar.update)
+    # The bar only on a terminal: a log or CI gets the result lines alone.
+    with progress_bar(total, "verifying", in_bytes=True, enabled=is_tty(sys.stderr)) as bar:
+        problems = verify_folder(path, progress=bar.update)
     for p in problems:
         click.echo(f"{folder}/{p}", err=True)
     if problems:

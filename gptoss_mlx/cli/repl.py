@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TextIO
 
 from ..engine.chat import ChatSession, TurnResult
-from ..errors import GptOssError
+from ..errors import GptOssError, OutputError, UsageError
 from ..harmony.request import EFFORTS
 from .console import TurnPrinter
 from .mcp_tools import ToolRunner
+from .streams import check_text, decode, not_utf8
 
 HELP = """\
 Type a message and press Enter. For several lines, start and end them with a line of \"\"\".
@@ -45,17 +46,25 @@ def _lines(stdin: TextIO, interactive: bool, err: TextIO) -> Callable[[str], str
             pass
 
         def read(prompt: str) -> str:
-            return input(prompt)
+            try:
+                return check_text(input(prompt), "your input")
+            except UnicodeDecodeError as e:  # a strict locale decodes as it reads
+                raise UsageError(f"your input: {not_utf8(e.object, e)}") from None
 
         return read
 
-    it: Iterator[str] = iter(stdin)
+    # Lines as bytes when the stream has them: decoded here, not by the locale's error handler.
+    it: Iterator[bytes | str] = iter(getattr(stdin, "buffer", stdin))
+    number = 0
 
     def read_plain(_prompt: str) -> str:
+        nonlocal number
         try:
-            return next(it).rstrip("\n")
+            raw = next(it)
         except StopIteration:
             raise EOFError from None
+        number += 1
+        return decode(raw, f"input line {number}").rstrip("\n").removesuffix("\r")
 
     return read_plain
 
@@ -77,13 +86,25 @@ def _setup_history() -> None:
         pass  # history is a convenience; a read-only home must not stop the chat
 
 
+class UnendedBlock(UsageError):
+    """The input ended between an opening and a closing \"\"\" line."""
+
+
 def _read_message(read: Callable[[str], str], interactive: bool) -> str:
     line = read(">>> " if interactive else "")
     if line.strip() != '"""':
         return line
     parts = []
     while True:
-        more = read("... " if interactive else "")
+        try:
+            more = read("... " if interactive else "")
+        except EOFError:
+            # The input ended inside a block: say so rather than drop the message silently.
+            n = f"{len(parts)} line{'' if len(parts) == 1 else 's'}"
+            raise UnendedBlock(
+                f'the input ended inside a """ block ({n} after the opening """); '
+                'that message was not sent: end a block with a line of """'
+            ) from None
         if more.strip() == '"""':
             return "\n".join(parts)
         parts.append(more)
@@ -127,6 +148,11 @@ class ChatLoop:
             except KeyboardInterrupt:
                 self.say("")
                 continue
+            except UnendedBlock:
+                raise  # the input is over: one line, exit 2
+            except UsageError as e:
+                self.say(f"error: {e}; not sent")  # a line that is not UTF-8
+                continue
             if not text.strip():
                 continue
             if text.startswith("//"):
@@ -147,6 +173,8 @@ class ChatLoop:
                 printer.end()
                 self.say("[interrupted: this message was not added to the conversation]")
                 return
+            except OutputError:
+                raise  # stdout cannot be written: the chat cannot go on
             except GptOssError as e:
                 printer.end()
                 self.say(f"error: {e}")
@@ -175,7 +203,9 @@ class ChatLoop:
                     if not self.interactive:
                         self.say(prompt.rstrip())
                     answer = read(prompt if self.interactive else "")
-                except (EOFError, KeyboardInterrupt):
+                except (EOFError, KeyboardInterrupt, UsageError) as e:
+                    if isinstance(e, UsageError):
+                        self.say(f"error: {e}")
                     self.say("[tool call left unanswered]")
                     return
                 answers.append((call, SKIPPED if answer.strip() == "/skip" else answer))

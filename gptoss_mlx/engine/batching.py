@@ -33,7 +33,7 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCa
 
 from ..errors import GptOssError, UsageError
 from ..harmony.parser import HarmonyIds
-from .generate import NonFiniteLogitsError, SamplingParams, prefill
+from .generate import NonFiniteLogitsError, SamplingParams, prefill, room_to_generate
 
 # The error of a sequence whose logits went NaN or infinite (where `generate` would raise
 # NonFiniteLogitsError); only that sequence ends.
@@ -187,7 +187,7 @@ def sample_rows(logprobs: mx.array, s: RowSampling) -> tuple[mx.array, RowSampli
     """
     greedy = mx.argmax(logprobs, axis=-1)
     ps = s.params
-    if all(p.temperature == 0 for p in ps):
+    if all(p.greedy for p in ps):
         return greedy, s
     neg_inf = mx.array(-mx.inf, dtype=logprobs.dtype)
     thresholds = []
@@ -221,7 +221,7 @@ def sample_rows(logprobs: mx.array, s: RowSampling) -> tuple[mx.array, RowSampli
     x = logprobs
     for t in thresholds:
         x = mx.where(x >= t, x, neg_inf)
-    temperature = s.column("temperature")
+    temperature = s.column("temperature_used")  # 0 for a greedy row (SamplingParams.greedy)
     drawn, keys = _gumbel_draw(s.keys, x, temperature)
     return mx.where(temperature > 0, drawn, greedy), RowSampling(ps, keys)
 
@@ -433,13 +433,8 @@ class BatchEngine:
         if req.max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, got {req.max_tokens}")
         req.sampling.validate()
-        seed = req.sampling.seed
-        if seed is not None and not 0 <= seed < 2**64:
-            raise UsageError(f"seed must be in [0, 2**64), got {seed}")
         limit = req.max_context or self.max_context
-        if len(prompt) >= limit:
-            raise UsageError(f"the prompt has {len(prompt)} tokens; the context limit is {limit}")
-        return min(req.max_tokens, limit - len(prompt))
+        return min(req.max_tokens, room_to_generate(len(prompt), limit))
 
     @staticmethod
     def _sample(logits: mx.array, sampling: RowSampling) -> tuple[mx.array, mx.array, RowSampling]:

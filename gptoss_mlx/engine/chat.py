@@ -11,6 +11,7 @@ on (harmony/turn.py); a call cut off before `<|call|>` is reported as unfinished
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 from collections.abc import Callable, Collection, Sequence
@@ -390,14 +391,23 @@ class ChatSession:
     def save(self, path: str | Path) -> None:
         """Write the conversation as JSON (atomically: a crash never leaves half a file)."""
         path = Path(path).expanduser()
+        if not path.name or path.is_dir():  # ".", "/", "~", a folder: no file name to write
+            raise UsageError(f"{path}: is a folder; save to a file name, e.g. {path / 'chat.json'}")
+        try:
+            # Encoded before any file exists: text UTF-8 cannot carry fails here, leaving nothing.
+            data = json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(
+                f"{path}: cannot save: the conversation holds text that is not valid UTF-8 "
+                f"({e.object[e.start]!r}); /reset or /load another chat"
+            ) from None
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(
-                json.dumps(self.to_json(), ensure_ascii=False, indent=1), encoding="utf-8"
-            )
+            tmp.write_bytes(data)
             tmp.replace(path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise UsageError(f"{path}: cannot save ({e.strerror})") from None
 
     def load(self, path: str | Path) -> None:
@@ -413,7 +423,18 @@ class ChatSession:
             obj = {"messages": obj}
         if not isinstance(obj, dict):
             raise UsageError(f"{path}: not a saved chat (expected a JSON object)")
-        messages = obj.get("messages") or []
+        messages = obj.get("messages")
+        if not isinstance(messages, list):
+            # Any other JSON object would replace the conversation by an empty one.
+            raise UsageError(
+                f'{path}: not a saved chat (no "messages" list); the conversation is unchanged'
+            )
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # "\ud800" escapes decode to text UTF-8 cannot carry
+            raise UsageError(
+                f"{path}: contains an unpaired surrogate escape (\\ud800-\\udfff)"
+            ) from None
         old = (self.messages, self.reasoning_effort, self.instructions, self.tools, self.date)
         self.messages = messages
         self.reasoning_effort = obj.get("reasoning_effort") or self.reasoning_effort

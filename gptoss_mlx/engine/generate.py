@@ -6,8 +6,9 @@ the ids it is given (for gpt-oss chat: `<|return|>` and `<|call|>`, never `<|end
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +34,57 @@ class ContextLimitError(UsageError):
     """The prompt (plus what the cache already holds) does not fit the context limit."""
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+
+
+def room_to_generate(tokens: int, limit: int, *, conversation: bool = False) -> int:
+    """Tokens a sequence of `tokens` may still generate under a context `limit`; ContextLimitError
+    when there is no room: a prompt longer than the limit, or one that fills it exactly (the
+    message then says no room is left). The one rule of `generate`, `chat` and `batch`."""
+    what = "conversation" if conversation else "prompt"
+    fix = (
+        "start a new conversation, shorten the prompt, or raise --max-context"
+        if conversation
+        else "shorten the prompt or raise --max-context"
+    )
+    if tokens > limit:
+        raise ContextLimitError(
+            f"the {what} has {tokens} tokens; the context limit is {limit} ({fix})"
+        )
+    if tokens == limit:
+        raise ContextLimitError(
+            f"the {what} has {tokens} tokens and the context limit is {limit}: no room is left "
+            f"to generate ({fix})"
+        )
+    return limit - tokens
+
+
 class NonFiniteLogitsError(GptOssError):
     """The model produced NaN or infinite logits (corrupt weights or an overflowing dtype)."""
 
 
+# Temperatures below this sample as greedy (temperature 0). Sampling divides the logits by the
+# temperature: under ~1e-38 that factor overflows float32 to inf and turns the logits into NaN,
+# which samples random tokens; long before that the distribution is greedy for all purposes (at
+# 1e-5 a logit gap of 0.001 already weighs e^-100). vLLM treats temperatures under 1e-5 the same.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+SEED_LIMIT = 2**64  # MLX's seeds are unsigned 64-bit
+TOP_K_LIMIT = 2**31
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed")
+
+
 @dataclass
 class SamplingParams:
-    """Sampling settings; the defaults are OpenAI's recommendation for gpt-oss (T=1, top-p=1)."""
+    """Sampling settings; the defaults are OpenAI's recommendation for gpt-oss (T=1, top-p=1).
+
+    The rules, the same in `generate`, `chat`, `batch` and any front end (they all call
+    `validate`): temperature in [0, 100], where below MIN_TEMPERATURE means greedy; top_p in
+    (0, 1]; top_k >= 0, where 0 and any k at or above the vocabulary size keep every token
+    (there is nothing to cut); min_p in [0, 1); seed None or in [0, 2**64).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -47,22 +92,81 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
 
-    def validate(self) -> None:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise UsageError(f"temperature must be in [0, 100], got {self.temperature}")
+    @property
+    def greedy(self) -> bool:
+        """Whether this samples the argmax: temperature 0 or under MIN_TEMPERATURE."""
+        return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def temperature_used(self) -> float:
+        """The temperature sampling divides by: 0.0 (greedy) under MIN_TEMPERATURE."""
+        return 0.0 if self.greedy else float(self.temperature)
+
+    def validate(self) -> SamplingParams:
+        """Raise UsageError naming the first bad field (`temperature: must be ...`); return self.
+
+        The one check of sampling settings: the CLI, batch lines and the server all map their
+        fields onto SamplingParams and call this, so a value is accepted or refused everywhere
+        alike. Checks types too, since request fields arrive as arbitrary JSON."""
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"{name}: expected a number, got {type(value).__name__}")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
+                raise UsageError(f"{name}: expected a finite number, got {_show(value)}")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"{name}: expected an integer, got {type(value).__name__}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise UsageError(
+                f"temperature: must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k < TOP_K_LIMIT:
+            raise UsageError(f"top_k: must be in [0, 2**31) (0: off), got {_show(self.top_k)}")
         if not 0.0 <= self.min_p < 1.0:
-            raise UsageError(f"min_p must be in [0, 1), got {self.min_p}")
+            raise UsageError(f"min_p: must be in [0, 1), got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise UsageError(f"seed: must be in [0, 2**64), got {_show(self.seed)}")
+        return self
+
+    @classmethod
+    def from_fields(
+        cls, fields: Mapping[str, Any], base: SamplingParams | None = None
+    ) -> SamplingParams:
+        """Settings from a request's fields (JSON values, named as in SAMPLING_FIELDS; a field
+        that is missing or null keeps `base`'s value), validated. Other keys are not looked at."""
+        base = base or cls()
+        values = {
+            name: fields[name] if fields.get(name) is not None else getattr(base, name)
+            for name in SAMPLING_FIELDS
+        }
+        return cls(**values).validate()
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
         """A function of log-probabilities [B, vocab] -> token ids [B] (mlx-lm's samplers)."""
         self.validate()
-        return make_sampler(
-            temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k
-        )
+        made: dict[int, Callable[[mx.array], mx.array]] = {}
+
+        def sample(logprobs: mx.array) -> mx.array:
+            vocab = logprobs.shape[-1]
+            if vocab not in made:
+                # mlx-lm refuses top_k >= vocab; keeping the k likeliest of fewer is keeping all.
+                top_k = self.top_k if self.top_k < vocab else 0
+                made[vocab] = make_sampler(
+                    temp=self.temperature_used, top_p=self.top_p, min_p=self.min_p, top_k=top_k
+                )
+            return made[vocab](logprobs)
+
+        return sample
 
 
 @dataclass
@@ -174,12 +278,8 @@ def generate_tokens(
     cache = cache if cache is not None else model.make_cache()
     already = cache[0].offset if cache else 0
     limit = max_context or model.config.max_position_embeddings
-    if already + len(prompt) >= limit:
-        raise ContextLimitError(
-            f"the conversation has {already + len(prompt)} tokens; the context limit is {limit} "
-            "(start a new conversation, shorten the prompt, or raise --max-context)"
-        )
-    budget = min(max_tokens, limit - already - len(prompt))
+    room = room_to_generate(already + len(prompt), limit, conversation=already > 0)
+    budget = min(max_tokens, room)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     mx.reset_peak_memory()

@@ -65,6 +65,11 @@ class MemoryPlan:
     def fits(self, context: int, batch: int = 1) -> bool:
         return self.total(context, batch) <= self.budget
 
+    def largest_batch(self, context: int) -> int:
+        """The most sequences whose KV caches fit at `context` tokens next to the weights."""
+        room = self.budget - self.weights - self.working
+        return max(0, room // self.kv(context)) if room > 0 else 0
+
     def largest_context(self, batch: int = 1, ceiling: int = MAX_CONTEXT) -> int | None:
         """The largest step of CONTEXT_STEPS (at most `ceiling`) that fits, or None."""
         for c in CONTEXT_STEPS:
@@ -169,8 +174,13 @@ def choose_max_context(plan: MemoryPlan, requested: int | None, limit: int, batc
 def _advice(plan: MemoryPlan, context: int, batch: int, best: int | None) -> str:
     need = plan.total(context, batch)
     tips = []
+    fit = plan.largest_batch(context) if batch > 1 else 0
+    if fit:  # each sequence holds its own KV cache: fewer at once is the cheapest fix
+        tips.append(f"lower --batch-size ({fit} fit at {context} tokens)")
     if best is not None:
         tips.append(f"use --max-context {best}")
+    elif batch > 1:
+        tips.append("lower --max-context")
     tips.append("convert with --recipe mxfp4-q4")
     if "GPU" in plan.budget_source:
         mb = int(need / (1 << 20) * 1.1)

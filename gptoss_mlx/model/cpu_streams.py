@@ -31,6 +31,10 @@ THREADS_ENV = "GPTOSS_MLX_THREADS"
 MIN_ROWS_PER_SHARD = 512
 # Without measurements on machines with more cores, do not fan out further than this.
 MAX_THREADS = 8
+# The most $GPTOSS_MLX_THREADS may ask for: gpt-oss's vocabulary projection (201,088 rows) splits
+# into up to 392 shards of MIN_ROWS_PER_SHARD, so any accepted value is used as given, and `info`
+# (which reports the setting) and `bench` (which counts the streams in use) agree.
+MAX_THREADS_ENV = 256
 
 # MLX streams belong to the thread that made them (using one from another thread raises "There is
 # no Stream(cpu, 1) in current thread"), so each thread keeps its own: the server's engine thread
@@ -41,14 +45,17 @@ _local = threading.local()
 def default_threads() -> int:
     """How many CPU streams a matmul may be split across: $GPTOSS_MLX_THREADS if set, else the
     cores this process may run on (at most MAX_THREADS); 1 when the default device is a GPU."""
-    raw = os.environ.get(THREADS_ENV)
-    if raw is not None:
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if raw:  # set and not empty (an empty value means unset, as for most variables)
         try:
             n = int(raw)
         except ValueError:
             n = 0
-        if n < 1:
-            raise UsageError(f"{THREADS_ENV}={raw!r}: expected a whole number >= 1 (1 = no split)")
+        if not 1 <= n <= MAX_THREADS_ENV:
+            raise UsageError(
+                f"{THREADS_ENV}={raw!r}: expected a whole number from 1 to {MAX_THREADS_ENV} "
+                "(1 = no split; unset or empty = one per core)"
+            )
         return n
     if mx.default_device() != mx.cpu:
         return 1
