@@ -334,13 +334,20 @@ def test_piped_input_ending_inside_a_block_says_so(folder, tok):
 # --------------------------------------------------------------------------- output failures
 
 
-@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "verify"])
 def test_output_to_a_full_device_is_one_line(folder, tmp_path, command):
     """Issue 17 item 6: `> /dev/full` was an ENOSPC traceback."""
-    args = {"generate": ["-p", "Hello"], "chat": []}[command]
+    args = {
+        "generate": ["generate", "-m", folder, "-n", "3", "-t", "0", "-p", "Hello"],
+        "chat": ["chat", "-m", folder, "-n", "3", "-t", "0"],
+        "info": ["info", folder],
+        "verify": ["verify", str(tmp_path / "m")],
+    }[command]
+    # verify writes to stdout only for an intact folder: the one without the copied vocabulary.
+    shutil.copytree(folder, tmp_path / "m", ignore=shutil.ignore_patterns("o200k_base.tiktoken"))
     with open("/dev/full", "wb") as full:
         rc, _, err = process(
-            [command, "-m", folder, "-n", "3", "-t", "0", *args],
+            args,
             stdin=b"Hello\n",
             env={"GPTOSS_MLX_HOME": str(tmp_path)},
             stdout=full,

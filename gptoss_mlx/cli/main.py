@@ -5,6 +5,7 @@ Each command lives in its own module of this package and registers itself on `ma
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -13,6 +14,8 @@ import click
 from .. import __version__
 from ..errors import GptOssError
 
+# A full disk or device, a file size limit, an I/O error: what a failed write to stdout raises.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -41,6 +44,14 @@ def handle_errors(fn):
             # `gptoss-mlx generate ... | head`: the reader left; stop quietly.
             _silence_stdout()
             sys.exit(0)
+        except OSError as e:
+            # A write to stdout that no writer of ours turned into OutputError (`info > /dev/full`):
+            # such errors carry no file name. Anything else is a bug worth its traceback.
+            if debug or e.filename is not None or e.errno not in _WRITE_ERRNOS:
+                raise
+            _silence_stdout()
+            click.echo(f"error: stdout: cannot write the output ({e.strerror})", err=True)
+            sys.exit(1)
 
     return wrapper
 
