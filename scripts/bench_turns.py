@@ -15,9 +15,9 @@ import argparse
 import json
 import sys
 
+from gptoss_mlx import load
 from gptoss_mlx.engine.chat import ChatSession
 from gptoss_mlx.engine.generate import SamplingParams
-from gptoss_mlx import load
 
 QUESTIONS = [
     "Explain how a sliding-window attention layer differs from a full attention layer.",
