@@ -147,8 +147,23 @@ def verify(folder: str) -> None:
     "columns of the table, e.g. --batch 1 --batch 8. [default: 1]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option(
+    "--shard",
+    type=click.Choice(["expert", "tensor", "pipeline"]),
+    default=None,
+    help="Also show what each rank of a sharded run needs (see chat --shard).",
+)
+@click.option(
+    "--ranks",
+    type=click.IntRange(min=2),
+    default=2,
+    show_default=True,
+    help="With --shard: the number of ranks (machines).",
+)
 @handle_errors
-def info(model: str | None, batch: tuple[int, ...], as_json: bool) -> None:
+def info(
+    model: str | None, batch: tuple[int, ...], as_json: bool, shard: str | None, ranks: int
+) -> None:
     """What MODEL is and the memory it needs, before or after downloading it.
 
     \b
@@ -174,6 +189,7 @@ def info(model: str | None, batch: tuple[int, ...], as_json: bool) -> None:
       gptoss-mlx info openai/gpt-oss-120b
       gptoss-mlx info mlx-community/gpt-oss-20b-MXFP4-Q8 --batch 1 --batch 4
       gptoss-mlx info ~/models/gpt-oss-20b-mlx --json
+      gptoss-mlx info openai/gpt-oss-120b --shard expert --ranks 2   # two Macs
     """
     import json
 
@@ -187,10 +203,17 @@ def info(model: str | None, batch: tuple[int, ...], as_json: bool) -> None:
     batches = batch or (1,)
     target = locate(model)
     table = table_for(target, batches)
+    sharded = None
+    if shard is not None:
+        from .shard_view import shard_figures, shard_lines
+
+        sharded = shard_figures(target, shard, ranks, max(batches))
     if as_json:
         out = table.to_json()
         if target.folder is not None:
             out["folder"] = folder_json(target.folder)
+        if sharded is not None:
+            out["sharded"] = sharded
         click.echo(json.dumps(out, indent=2))
         return
     lines = folder_lines(target.folder) if target.folder else config_lines(target)
@@ -208,3 +231,5 @@ def info(model: str | None, batch: tuple[int, ...], as_json: bool) -> None:
             click.echo(
                 f"default --max-context here{where}: {max(fits) if fits else 'none fits (see above)'}"
             )
+    for line in shard_lines(sharded) if sharded is not None else ():
+        click.echo(line)

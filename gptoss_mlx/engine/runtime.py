@@ -39,13 +39,19 @@ def load_for_inference(
     batch: int = 1,
     dtype: mx.Dtype | None = None,
     threads: int | None = None,
+    cluster: Any = None,
 ) -> tuple[GptOss, Any, int]:
     """Preflight memory, then load: returns (model, tokenizer, context limit to enforce).
 
     The context limit is `max_context` when it fits, else (when None) the largest of
     128k/64k/32k/16k/8k/4k tokens that fits this device next to the weights. Raises
     MemoryPreflightError, saying what to change, before anything is loaded when nothing fits.
+    With `cluster` (engine/distributed.Cluster) this process loads its rank's share only.
     """
+    if cluster is not None:
+        from .sharded_runtime import load_for_rank
+
+        return load_for_rank(cluster, path, max_context, batch, dtype, threads)
     checked = inspect_folder(path)
     cfg = checked.config
     dtype = dtype or default_dtype()

@@ -8,6 +8,7 @@ transformer.py      GptOss: embeddings, alternating sliding/full blocks, the voc
 cpu_streams.py      large matmuls split across CPU streams on MLX's CPU backend (bit-identical)
 compiled_decode.py  the one-token decode step under mx.compile over fixed-shape KV caches
 known_configs.py    OpenAI's released config.json files (configs/), shipped for sizing offline
+parallel/           the model split over ranks with mx.distributed (--shard expert|tensor|pipeline)
 
 May import: gptoss_mlx.errors, mlx, mlx-lm's caches. Nothing else in gptoss_mlx.
 """

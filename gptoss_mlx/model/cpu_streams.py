@@ -139,6 +139,9 @@ def split_rows(layer: nn.Module, n: int, first_stream: int = 0) -> RowShards:
     return RowShards(parts, bias, add, first_stream)
 
 
+_COMMUNICATING = (nn.ShardedToAllLinear, nn.QuantizedShardedToAllLinear)
+
+
 def threads_of(model: Any) -> int:
     """How many CPU streams the model's matmuls are spread over (1: none)."""
     return max(
@@ -163,7 +166,12 @@ def shard_model(model: Any, threads: int) -> int:
         plan += [(experts, "down_proj", threads, 0)]
     count = 0
     for owner, name, n, first in plan:
-        layer = owner[name]
+        layer = owner.get(name)
+        # A rank of a sharded run (model/parallel) may not hold the layer (the head lives on
+        # rank 0 only), and a layer that all_sums inside (tensor parallelism's o_proj) must stay
+        # whole: each row shard would make a collective of its own.
+        if layer is None or isinstance(layer, _COMMUNICATING):
+            continue
         n = min(n, layer.weight.shape[-2] // MIN_ROWS_PER_SHARD)  # 0: too small to move
         if n > 1 or (n == 1 and first > 0):
             owner[name] = split_rows(layer, n, first)

@@ -75,9 +75,14 @@ class GptOss(nn.Module):
 
     def hidden(self, tokens: mx.array, cache: list[Any] | None = None) -> mx.array:
         """Final-normed hidden states [batch, length, hidden]."""
+        x = self.model.embed_tokens(tokens).astype(self.dtype)
+        return self.model.norm(self.blocks(x, cache))
+
+    def blocks(self, x: mx.array, cache: list[Any] | None = None) -> mx.array:
+        """Run hidden states x [batch, length, hidden] through every block (the blocks this
+        model holds: a pipeline stage holds a range of them, see model/parallel)."""
         from mlx_lm.models.base import create_attention_mask  # lazily: see make_cache
 
-        x = self.model.embed_tokens(tokens).astype(self.dtype)
         caches = cache if cache is not None else [None] * len(self.layers)
         masks = {}
         for t, i in self._first.items():
@@ -91,7 +96,7 @@ class GptOss(nn.Module):
             rotation = self.layers[0].self_attn.rope.rotation(offset, x.shape[1])
         for layer, c, t in zip(self.layers, caches, self.layer_types, strict=True):
             x = layer(x, masks[t], c, rotation)
-        return self.model.norm(x)
+        return x
 
     def __call__(
         self, tokens: mx.array, cache: list[Any] | None = None, last_only: bool = False
