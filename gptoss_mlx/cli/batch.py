@@ -6,6 +6,7 @@ import click
 
 from ..errors import GptOssError
 from .main import CONTEXT_SETTINGS, handle_errors, main, model_options
+from .structured import structured_from_options, structured_options
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -37,6 +38,7 @@ from .main import CONTEXT_SETTINGS, handle_errors, main, model_options
     "--date", default=None, help="Current date for every prompt, YYYY-MM-DD. [default: today]"
 )
 @model_options
+@structured_options
 @handle_errors
 def batch(
     input_file: str,
@@ -57,7 +59,8 @@ def batch(
     \b
     Each line: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]},
     optionally with "tools", "reasoning_effort", "max_tokens", "temperature",
-    "top_p", "top_k", "min_p", "seed" (the options below are the defaults).
+    "top_p", "top_k", "min_p", "seed", "response_format", "tool_choice",
+    "max_reasoning_tokens" (the options below are the defaults).
     Each record: {"id", "line", "final", "reasoning", "tool_calls",
     "finish_reason", "usage"}, or {"id", "line", "error"} for a line that
     could not run. Records are written as each prompt finishes, so an
@@ -89,6 +92,7 @@ def batch(
     from .streams import require_stdout
 
     tools_file, system, developer = opts["tools_file"], opts["system"], opts["developer"]
+    structured = structured_from_options(opts)
     defaults = BatchDefaults(
         reasoning_effort=opts["reasoning_effort"],
         instructions="\n\n".join(t for t in (system, developer) if t) or None,
@@ -102,6 +106,7 @@ def batch(
         ),
         max_tokens=opts["max_tokens"],
         text=text_lines,
+        **structured.session_kwargs(),
     )
     # Every usage problem is reported before the model loads and before OUT is touched.
     defaults.validate()

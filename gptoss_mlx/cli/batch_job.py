@@ -52,6 +52,8 @@ from .batch_files import (
 
 LINE_FIELDS = ("id", "messages", "prompt", "tools", "reasoning_effort", "max_tokens")
 LINE_FIELDS += SAMPLING_FIELDS
+# Structured outputs (engine/constraints): the answer's format, tool choice, reasoning budget.
+LINE_FIELDS += ("response_format", "tool_choice", "max_reasoning_tokens")
 IGNORED_FIELDS = ("model",)  # OpenAI requests name a model; there is only one here
 
 # --------------------------------------------------------------------------- parsing lines
@@ -67,6 +69,11 @@ class BatchDefaults:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = DEFAULT_MAX_TOKENS
     text: bool = False  # each line is a plain prompt, not JSON
+    # Structured outputs, as cli/structured.py's StructuredSettings holds them.
+    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None
+    max_reasoning_tokens: int | None = None
+    strict_tools: bool = False
 
     def validate(self) -> None:
         """Check the defaults once, before any line (UsageError)."""
@@ -79,6 +86,15 @@ class BatchDefaults:
             parse_chat_request({"messages": [{"role": "user", "content": ""}], "tools": self.tools})
         except UsageError as e:
             raise UsageError(f"--tools: {e}") from None
+        if self.response_format is not None or self.tool_choice is not None:
+            parse_chat_request(
+                {
+                    "messages": [{"role": "user", "content": ""}],
+                    "tools": self.tools,
+                    "response_format": self.response_format,
+                    "tool_choice": self.tool_choice,
+                }
+            )
 
 
 @dataclass
@@ -91,6 +107,8 @@ class BatchItem:
     max_tokens: int
     sampling: SamplingParams
     prompt: list[int] | None = None
+    max_reasoning_tokens: int | None = None
+    grammar: Any = None  # its structured-output Grammar (engine/constraints), if any
     # The turn so far, across segments (a refused call continues it): harmony/turn.py.
     turn: AssistantTurn | None = None
     tokens: list[int] = field(default_factory=list)  # after the prompt: generated and refusals
@@ -139,9 +157,28 @@ def parse_line(line: InputLine, defaults: BatchDefaults) -> BatchItem | LineFail
         request = _chat_request(obj, defaults)
         max_tokens = _int_field(obj, "max_tokens", defaults.max_tokens, 1, 2**63)
         sampling = _sampling(obj, defaults.sampling, line_id)
+        budget = _int_field(obj, "max_reasoning_tokens", defaults.max_reasoning_tokens, 0, 2**63)
     except GptOssError as e:
         return LineFailure(line_id, line.number, str(e))
-    return BatchItem(line_id, line.number, request, max_tokens, sampling)
+    return BatchItem(line_id, line.number, request, max_tokens, sampling, None, budget)
+
+
+def constrain_item(
+    item: BatchItem, tokenizer: Any, vocab_size: int, strict_tools: bool, cache: dict
+) -> BatchItem | LineFailure:
+    """Compile the item's structured-output grammar, if it has one (`cache`: grammars by lark
+    text, so lines of the same shape compile once). A schema llguidance cannot enforce fails
+    the line, never runs it unconstrained."""
+    from ..engine.constraints import GrammarSpec, compile_grammar
+
+    spec = GrammarSpec.of(
+        item.request, strict_tools=strict_tools, max_reasoning_tokens=item.max_reasoning_tokens
+    )
+    try:
+        item.grammar = compile_grammar(spec, tokenizer, vocab_size, cache=cache)
+    except GptOssError as e:
+        return LineFailure(item.id, item.line, str(e))
+    return item
 
 
 def render_item(item: BatchItem, tokenizer: Any, date: str) -> BatchItem | LineFailure:
@@ -202,11 +239,19 @@ def _chat_request(obj: dict[str, Any], defaults: BatchDefaults) -> ChatRequest:
         messages = obj["messages"]
     effort = obj.get("reasoning_effort", defaults.reasoning_effort)
     tools = obj["tools"] if "tools" in obj else defaults.tools
-    request = parse_chat_request({"messages": messages, "tools": tools, "reasoning_effort": effort})
+    request = parse_chat_request(
+        {
+            "messages": messages,
+            "tools": tools,
+            "reasoning_effort": effort,
+            "response_format": obj.get("response_format", defaults.response_format),
+            "tool_choice": obj.get("tool_choice", defaults.tool_choice),
+        }
+    )
     if defaults.instructions:
         # Prepended after parsing so that errors name the line's own message indices.
         first = ChatMessage("developer", defaults.instructions)
-        request = ChatRequest((first, *request.messages), request.tools, request.reasoning_effort)
+        request = replace(request, messages=(first, *request.messages))
     return request
 
 
@@ -328,6 +373,7 @@ class BatchJob:
         self.summary = BatchSummary()
         self._t0 = time.perf_counter()
         self._tokens_before = 0  # generated in earlier engine runs (rounds of follow-ups)
+        self._grammars: dict = {}  # structured-output grammars by lark text (constrain_item)
 
     def live(self) -> tuple[int, int, int, float]:
         """(lines done, errors, tokens generated, seconds) now, unfinished sequences' tokens
@@ -375,11 +421,18 @@ class BatchJob:
                     continue
                 if isinstance(item, BatchItem):
                     item = render_item(item, self.tokenizer, self.date)
+                if isinstance(item, BatchItem):
+                    vocab = self.model.config.vocab_size
+                    strict = self.defaults.strict_tools
+                    item = constrain_item(item, self.tokenizer, vocab, strict, self._grammars)
                 if isinstance(item, LineFailure):
                     emit(item.record())
                     continue
                 pending[item.line] = item
-                yield BatchRequest(item.prompt, item.max_tokens, item.sampling, id=item.line)
+                constraint = item.grammar.constraint() if item.grammar is not None else None
+                yield BatchRequest(
+                    item.prompt, item.max_tokens, item.sampling, id=item.line, constraint=constraint
+                )
 
         try:
             requests = feed()

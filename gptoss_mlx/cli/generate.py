@@ -8,6 +8,7 @@ import click
 
 from .main import CONTEXT_SETTINGS, handle_errors, main, model_options, session_from_options
 from .mcp_tools import mcp_options
+from .structured import structured_from_options, structured_options
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -55,6 +56,7 @@ def prompt(request_file, ids: bool, model: str | None, date: str | None) -> None
 )
 @model_options
 @mcp_options
+@structured_options
 @click.option("--show-reasoning", is_flag=True, help="Stream the model's reasoning to stderr.")
 @click.option("--raw", is_flag=True, help="Plain text completion of the prompt, without harmony.")
 @click.option(
@@ -72,6 +74,7 @@ def generate(
       echo "Summarise: ..." | gptoss-mlx generate -r low
       gptoss-mlx generate -p "Weather in Paris?" --tools tools.json --json
       gptoss-mlx generate --raw -p "def fibonacci(n):" -t 0 -n 64
+      gptoss-mlx generate -p "List 3 fruits" --response-format fruits.schema.json
       gptoss-mlx generate -p "What is 2+3?" --mcp mcp.json --allow-tools add
 
     With --mcp the model's calls to the servers' tools run (only those in --allow-tools, or
@@ -81,6 +84,10 @@ def generate(
     --tools, --mcp, -r and --show-reasoning do not apply to it and are refused.
     A prompt that leaves no room in the context (--max-context) is bad
     input: one error line, exit 2, nothing on stdout (--json and --raw too).
+
+    --response-format FILE / --json-object guarantee that the final answer is
+    JSON matching the schema (a grammar constrains decoding); an answer cut off
+    by --max-tokens before its JSON closes is not valid: exit 1.
 
     Exit status: 0 ok, 2 bad usage or input, 1 runtime failure.
     """
@@ -100,13 +107,14 @@ def generate(
         check_text(prompt_text, "--prompt")
     if not prompt_text.strip():
         raise UsageError("the prompt is empty")
+    structured = structured_from_options(opts, raw=raw)  # checked before anything starts
     from .mcp_tools import echo_err, mcp_tools
 
     # Checked before the model loads; the servers start while it loads, stop when we return.
     tools = click.get_current_context().with_resource(
         mcp_tools(opts, interactive=False, command="generate", raw=raw)
     )
-    session = session_from_options(**opts)
+    session = session_from_options(structured=structured, **opts)
     if tools is not None:
         tools.attach(session, echo_err)
     if raw:
@@ -172,6 +180,13 @@ def generate(
             click.echo("[stopped: max tokens or context limit reached]", err=True)
     if verbose:
         click.echo(result.stats.summary(), err=True)
+    if structured.response_format is not None and result.finish_reason == "length":
+        from ..errors import GptOssError
+
+        raise GptOssError(
+            "the answer was cut off before its JSON closed (max tokens or context limit): "
+            "it is not valid; raise --max-tokens or --max-context, or set --max-reasoning-tokens"
+        )
 
 
 # Options that shape a harmony prompt or its channels; a --raw completion has neither.

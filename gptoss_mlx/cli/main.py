@@ -160,9 +160,11 @@ def session_from_options(
     seed,
     max_tokens,
     max_context,
+    structured=None,
     **_,
 ):
-    """Load the model and start a ChatSession from the shared options."""
+    """Load the model and start a ChatSession from the shared options (`structured`: the
+    StructuredSettings of cli/structured.py, if the command has those options)."""
     from gptoss_mlx.convert.resolve import resolve_model
 
     from ..engine.chat import ChatSession
@@ -188,6 +190,7 @@ def session_from_options(
         sampling=sampling,
         max_tokens=max_tokens,
         max_context=max_context,
+        **(structured.session_kwargs() if structured is not None else {}),
     )
 
 

@@ -2,6 +2,8 @@
 
 generate.py      chunked prefill, then decoding pipelined with mx.async_eval; sampling
 batching.py      continuous batching: many sequences decode together, finished slots refilled
+constraints/     structured outputs: one llguidance grammar per request over the harmony turn,
+                 a matcher per sequence masking its logits (JSON answers, tool arguments)
 prompt_cache.py  KV cache reuse across turns, with checkpoints of the sliding-window layers
 prompt_store.py  KV snapshots of recent prompts' ends, reused across a server's requests
 scheduler.py     the server's engine thread: a request queue into batching, token streams out

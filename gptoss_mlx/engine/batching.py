@@ -66,6 +66,9 @@ class BatchRequest:
     max_context: int | None = None
     on_token: Callable[[int], None] | None = None
     cancelled: Callable[[], bool] | None = None
+    # A TokenConstraint (engine/constraints): its grammar masks this row's logits, it advances
+    # with each token, a complete grammar ends the row ("stop"), and it is closed with the row.
+    constraint: Any = None
 
 
 @dataclass
@@ -249,8 +252,11 @@ class _Row:
     on_token: Callable[[int], None] | None = None
     cancelled: Callable[[], bool] | None = None
     cached_tokens: int = 0
+    constraint: Any = None
 
     def result(self, reason: str, error: GptOssError | None = None) -> BatchResult:
+        if self.constraint is not None:
+            self.constraint.close()  # the matcher goes with its row
         return BatchResult(
             self.id,
             self.tokens,
@@ -397,6 +403,9 @@ class BatchEngine:
                 stats.max_rows = max(stats.max_rows, len(batch.rows))
                 yield from self._step(batch)
         finally:
+            for row in batch.rows:  # rows left behind (the caller stopped early, or an error)
+                if row.constraint is not None:
+                    row.constraint.close()
             stats.seconds = time.perf_counter() - t0
             stats.peak_memory_bytes = mx.get_peak_memory()
 
@@ -405,6 +414,7 @@ class BatchEngine:
         rid = req.id if req.id is not None else index
         prompt = list(req.prompt)
         row = _Row(rid, len(prompt), 0, frozenset(self.stop_ids), [], req.on_token, req.cancelled)
+        row.constraint = req.constraint
         try:
             budget = self._budget(req, prompt)
         except GptOssError as e:
@@ -419,7 +429,8 @@ class BatchEngine:
             cache = self.model.make_cache()
             logits = prefill(self.model, prompt, cache)
         sampling = RowSampling.of([req.sampling])
-        y, ok, sampling = self._sample(logits[None], sampling)
+        masked = [(row.constraint, 0)] if row.constraint is not None else []
+        y, ok, sampling = self._sample(logits[None], sampling, masked)
         mx.eval(y, ok, sampling.keys)
         self.stats.prompt_seconds += time.perf_counter() - t0
         return _Joining(row, cache, y, ok, sampling)
@@ -437,10 +448,32 @@ class BatchEngine:
         return min(req.max_tokens, room_to_generate(len(prompt), limit))
 
     @staticmethod
-    def _sample(logits: mx.array, sampling: RowSampling) -> tuple[mx.array, mx.array, RowSampling]:
+    def _sample(
+        logits: mx.array, sampling: RowSampling, masked: list[tuple[Any, int]] = ()
+    ) -> tuple[mx.array, mx.array, RowSampling]:
+        """Sample each row; `masked`: (constraint, row) pairs whose grammar masks that row."""
+        ok = mx.isfinite(logits).all(axis=-1)  # before masking, which writes -inf on purpose
+        if masked:
+            from .constraints import mask_logits
+
+            logits = mask_logits(logits, masked)  # several rows' masks filled in parallel
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         y, sampling = sample_rows(logprobs, sampling)
-        return y, mx.isfinite(logits).all(axis=-1), sampling
+        return y, ok, sampling
+
+    @staticmethod
+    def _advance(rows: list[_Row], tokens: list[int], finite: list[bool]) -> dict[int, Any]:
+        """Advance each constrained row's grammar with its token; {row index: ConstraintError}."""
+        from .constraints import ConstraintError
+
+        broken = {}
+        for i, row in enumerate(rows):
+            if row.constraint is not None and finite[i] and not row.constraint.closed:
+                try:
+                    row.constraint.advance(tokens[i])
+                except ConstraintError as e:
+                    broken[i] = e
+        return broken
 
     def _step(self, batch: _Batch) -> Iterator[BatchResult]:
         """Launch the next forward pass, then read back and hand out the previous tokens."""
@@ -450,13 +483,23 @@ class BatchEngine:
         gone = {i for i, r in enumerate(rows) if r.cancelled is not None and r.cancelled()}
         feed = [i for i, r in enumerate(rows) if len(r.tokens) + 1 < r.budget and i not in gone]
         batch.keep(feed)
+        tokens = finite = broken = None
         if feed:
             logits = self.model(batch.y[:, None], cache=batch.cache)[:, -1]  # (B, V)
-            batch.y, batch.ok, batch.sampling = self._sample(logits, batch.sampling)
+            masked = [(r.constraint, k) for k, r in enumerate(batch.rows) if r.constraint]
+            if masked:
+                # A grammar's next mask depends on the token just sampled: read the tokens
+                # now, while the device runs the forward pass just launched.
+                mx.async_eval(logits)
+                tokens, finite = y.tolist(), ok.tolist()
+                broken = self._advance(rows, tokens, finite)
+            batch.y, batch.ok, batch.sampling = self._sample(logits, batch.sampling, masked)
             mx.async_eval(batch.y, batch.ok, batch.sampling.keys)
             self.stats.steps += 1
             self.stats.row_steps += len(feed)
-        tokens, finite = y.tolist(), ok.tolist()
+        if tokens is None:
+            tokens, finite = y.tolist(), ok.tolist()
+            broken = self._advance(rows, tokens, finite)
         done = []
         finished = set()
         for i, row in enumerate(rows):
@@ -465,12 +508,14 @@ class BatchEngine:
                 reason = "cancelled"
             elif not finite[i]:
                 reason, error = "error", NonFiniteLogitsError(_NON_FINITE)
+            elif i in broken:
+                reason, error = "error", broken[i]
             else:
                 row.tokens.append(tokens[i])
                 self.stats.completion_tokens += 1
                 if row.on_token is not None:
                     row.on_token(tokens[i])
-                if tokens[i] in row.stop:
+                if tokens[i] in row.stop or (row.constraint is not None and row.constraint.done):
                     reason = "stop"
                 elif len(row.tokens) >= row.budget:
                     reason = "length"

@@ -146,6 +146,7 @@ def run_turn(
     cache: list[Any] | None = None,
     on_prefilled: Callable[[], None] | None = None,
     functions: Collection[str] = (),
+    constraint: Any = None,
 ) -> TurnResult:
     """Generate one assistant turn after a harmony `prompt` ending in `<|start|>assistant`.
 
@@ -158,6 +159,9 @@ def run_turn(
     is a tool call (finish reason "tool_calls"). A call to any other recipient is answered in the
     same cache with a tool message saying it is not available, and generation goes on (at most
     `harmony.turn.MAX_REFUSALS` times), all within `max_tokens` generated tokens in total.
+
+    `constraint`: a `TokenConstraint` (engine/constraints) holding the turn to its grammar (which
+    allows only declared functions, so no refusal segment follows).
     """
     ids = harmony_ids(tokenizer)
     turn = AssistantTurn(functions)
@@ -183,6 +187,7 @@ def run_turn(
             stats=part,
             cache=cache,
             on_prefilled=on_prefilled if not tokens else None,
+            constraint=constraint if not tokens else None,
         ):
             tokens.append(token)
             handle(parser.feed(token))
@@ -278,6 +283,10 @@ class ChatSession:
         max_context: int | None = None,
         date: str | None = None,
         reuse_cache: bool = True,
+        response_format: Any = None,
+        tool_choice: Any = None,
+        max_reasoning_tokens: int | None = None,
+        strict_tools: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -293,7 +302,14 @@ class ChatSession:
         self.prompt_cache = PromptCache(model) if reuse_cache else None
         self.turns = 0
         self.last: TurnResult | None = None
-        self.request()  # validate tools and effort now, not at the first turn
+        # Structured outputs (engine/constraints): OpenAI's `response_format` and `tool_choice`
+        # objects, the reasoning budget, and whether every tool's arguments follow its schema.
+        self.response_format = response_format
+        self.tool_choice = tool_choice
+        self.max_reasoning_tokens = max_reasoning_tokens
+        self.strict_tools = strict_tools
+        # Validate tools, effort and the grammar now, not at the first turn.
+        self.constraint_for(self.request())
 
     def request(self, messages: list[dict[str, Any]] | None = None) -> ChatRequest:
         """The conversation (plus pending `messages`) as a validated chat request."""
@@ -305,8 +321,27 @@ class ChatSession:
         if not msgs:  # a request needs a message; validation of an empty session
             msgs = [{"role": "user", "content": ""}]
         return parse_chat_request(
-            {"messages": msgs, "tools": self.tools, "reasoning_effort": self.reasoning_effort}
+            {
+                "messages": msgs,
+                "tools": self.tools,
+                "reasoning_effort": self.reasoning_effort,
+                "response_format": self.response_format,
+                "tool_choice": self.tool_choice,
+            }
         )
+
+    def constraint_for(self, request: ChatRequest) -> Any:
+        """A fresh TokenConstraint for a turn of `request`, or None when nothing constrains it;
+        UsageError for a schema the grammar cannot enforce."""
+        from .constraints import GrammarSpec, compile_grammar
+
+        spec = GrammarSpec.of(
+            request,
+            strict_tools=self.strict_tools,
+            max_reasoning_tokens=self.max_reasoning_tokens,
+        )
+        grammar = compile_grammar(spec, self.tokenizer, self.model.config.vocab_size)
+        return grammar.constraint() if grammar is not None else None
 
     def pending_tool_calls(self) -> list[dict[str, Any]]:
         """Tool calls of the last assistant message that have no result yet."""
@@ -338,6 +373,7 @@ class ChatSession:
             cache=pc.cache if pc is not None else None,
             on_prefilled=(lambda: pc.checkpoint(prompt)) if pc is not None else None,
             functions=[t.name for t in request.tools],
+            constraint=self.constraint_for(request),
         )
         if pc is not None:
             pc.record(result.tokens)

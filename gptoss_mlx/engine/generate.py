@@ -259,9 +259,14 @@ def generate_tokens(
     max_context: int | None = None,
     stats: GenerationStats | None = None,
     on_prefilled: Callable[[], None] | None = None,
+    constraint: Any = None,
 ) -> Iterator[int]:
     """Yield sampled token ids after `prompt`, at most `max_tokens`, stopping after a stop id
     (which is yielded) or when the sequence would pass `max_context` tokens.
+
+    `constraint`: a `TokenConstraint` (engine/constraints) whose grammar every token must follow:
+    each step's logits are masked to what it allows and it advances with each token; a complete
+    grammar ends the sequence ("stop"). It is closed when decoding ends.
 
     `stats` (if given) is filled in as generation runs; its `finish_reason` ends as "stop" or
     "length". Pass `cache` to continue from (and keep) a cache: `prompt` is then only the tokens
@@ -285,8 +290,13 @@ def generate_tokens(
     mx.reset_peak_memory()
 
     def step(logits: mx.array) -> tuple[mx.array, mx.array]:
+        ok = mx.isfinite(logits).all()  # before masking, which writes -inf on purpose
+        if constraint is not None:
+            from .constraints import mask_logits
+
+            logits = mask_logits(logits[None], [(constraint, 0)])[0]
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs[None])[0], mx.isfinite(logits).all()
+        return sampler(logprobs[None])[0], ok
 
     t0 = time.perf_counter()
     stats.prompt_tokens = len(prompt)
@@ -304,17 +314,24 @@ def generate_tokens(
         while True:
             _check_finite(ok.item())
             token = y.item()
+            if constraint is not None:
+                constraint.advance(token)  # ConstraintError if the grammar refuses it
             n += 1
-            last = token in stop or n >= budget
+            complete = constraint is not None and constraint.done
+            last = token in stop or n >= budget or complete
             if not last:
                 # Build and launch the next step before handing this token out, so the device
                 # works while the caller streams text.
                 decoder = decoder or start_decoder(model, cache, COMPILE_DECODE)
-                next_y, next_ok = step(decoder.step(y.reshape(1))[0])
+                logits = decoder.step(y.reshape(1))[0]
+                if constraint is not None:
+                    # The forward pass runs while the host computes the grammar's mask.
+                    mx.async_eval(logits)
+                next_y, next_ok = step(logits)
                 mx.async_eval(next_y, next_ok)
             stats.generation_tokens = n
             stats.generation_seconds = time.perf_counter() - t1
-            if token in stop:
+            if token in stop or complete:
                 # Set before yielding: a caller may stop consuming at the stop token.
                 stats.finish_reason = "stop"
             yield token
@@ -324,6 +341,8 @@ def generate_tokens(
     finally:
         if decoder is not None:
             decoder.finish()  # the caller's cache now holds every token fed back
+        if constraint is not None:
+            constraint.close()
         stats.generation_seconds = time.perf_counter() - t1
         stats.peak_memory_bytes = mx.get_peak_memory()
 

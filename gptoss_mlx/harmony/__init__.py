@@ -2,6 +2,7 @@
 
 tokenizer.py    o200k_harmony through tiktoken, from local files; streaming detokenizer
 request.py      an OpenAI-shaped chat request parsed into plain dataclasses
+response_format.py  response_format / tool_choice parsed; the `# Response Formats` section
 tool_schema.py  function tools rendered as harmony's TypeScript-like namespace
 render.py       a request as a harmony prompt, token for token as openai-harmony renders it
                 (old reasoning dropped after a final answer, kept while a tool loop is open)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from .request import ChatMessage, ChatRequest
+from .response_format import render_response_formats
 from .tokenizer import Tokenizer
 from .tool_schema import render_functions_namespace
 
@@ -96,13 +97,17 @@ def system_text(request: ChatRequest, date: str) -> str:
 
 
 def developer_text(request: ChatRequest) -> str | None:
-    """The developer message's text (instructions, function tools), or None when there is none."""
+    """The developer message's text (instructions, function tools, then the response format as
+    harmony's docs/format.md places it, at the end), or None when there is none."""
     instructions = [m.content for m in request.messages if m.role in ("system", "developer")]
     sections = []
     if instructions:
         sections += ["# Instructions", "\n\n".join(instructions)]
     if request.tools:
         sections += ["# Tools", render_functions_namespace(request.tools)]
+    response_formats = render_response_formats(request.response_format)
+    if response_formats:
+        sections.append(response_formats)
     return "\n\n".join(sections) if sections else None
 
 

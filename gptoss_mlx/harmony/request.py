@@ -1,7 +1,8 @@
 """An OpenAI-shaped chat request, parsed and validated into plain dataclasses.
 
 Accepted shape (the Chat Completions API's, minus what gpt-oss cannot use):
-  {"messages": [...], "tools": [...], "reasoning_effort": "low" | "medium" | "high"}
+  {"messages": [...], "tools": [...], "reasoning_effort": "low" | "medium" | "high",
+   "response_format": {...}, "tool_choice": ...}   (the last two: see response_format.py)
 Messages: system / developer / user with `content`; assistant with `content`, `reasoning_content`
 (alias `reasoning`, `thinking`) and `tool_calls`; tool with `content` plus `tool_call_id` and/or
 `name`. `content` is a string or a list of {"type": "text", "text": ...} parts (joined with "\n").
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
+from .response_format import ResponseFormat, ToolChoice, parse_response_format, parse_tool_choice
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = ("low", "medium", "high")
@@ -63,6 +65,7 @@ class FunctionTool:
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None
+    strict: bool = False  # arguments held to `parameters` by a grammar (engine/constraints)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class ChatRequest:
     tools: tuple[FunctionTool, ...] = ()
     reasoning_effort: str = "medium"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Structured outputs (harmony/response_format.py): the answer's format, which tools to call.
+    response_format: ResponseFormat | None = None
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
 
 def parse_chat_request(obj: Any) -> ChatRequest:
@@ -97,9 +103,11 @@ def parse_chat_request(obj: Any) -> ChatRequest:
             if call.id is not None:
                 call_names[call.id] = call.name
         messages.append(message)
-    known = {"messages", "tools", "reasoning_effort"}
+    response_format = parse_response_format(obj.get("response_format"))
+    tool_choice = parse_tool_choice(obj.get("tool_choice"), [t.name for t in tools])
+    known = {"messages", "tools", "reasoning_effort", "response_format", "tool_choice"}
     extra = {k: v for k, v in obj.items() if k not in known}
-    return ChatRequest(tuple(messages), tools, effort, extra)
+    return ChatRequest(tuple(messages), tools, effort, extra, response_format, tool_choice)
 
 
 def load_chat_request(text: str | bytes, source: str = "request") -> ChatRequest:
@@ -240,5 +248,8 @@ def _parse_tools(raw: Any) -> tuple[FunctionTool, ...]:
             raise UsageError(f"{where}.function.parameters: expected a JSON schema object")
         if name in {t.name for t in tools}:
             raise UsageError(f"{where}.function.name: duplicate tool {name!r}")
-        tools.append(FunctionTool(name, description, params))
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise UsageError(f"{where}.function.strict: expected true or false")
+        tools.append(FunctionTool(name, description, params, bool(strict)))
     return tuple(tools)

@@ -126,6 +126,11 @@ class Tokenizer:
         return token_id in self._special_ids
 
     @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The underlying tiktoken encoding (llguidance builds its own tokenizer from it)."""
+        return self._enc
+
+    @property
     def vocab_size(self) -> int:
         """One more than the largest id known: 201088 from o200k_base.tiktoken (the model's
         embedding rows); 201089 from the shared tokenizer.json, which lists one reserved token
