@@ -48,19 +48,20 @@ def convert(
 
     \b
     SRC is one of:
-      - a Hugging Face repo id, e.g. openai/gpt-oss-20b (downloads only the
-        HF-layout files, ~13.8 GB, into the Hugging Face cache; --revision pins it)
+      - a Hugging Face repo id, openai/gpt-oss-20b or openai/gpt-oss-120b
+        (downloads only the HF-layout files, ~13.8 GB or ~65 GB, into the
+        Hugging Face cache; --revision pins it)
       - a local Hugging Face-layout folder (config.json, model*.safetensors)
       - OpenAI's original/ folder (config.json, model.safetensors), or a
         folder that holds only original/
     Nothing is unpickled: *.bin, *.pt and *.py files are ignored.
 
     \b
-    Recipes (sizes on disk for gpt-oss-20b, bfloat16):
-      mxfp4-q8    experts MXFP4 as released; embeddings, attention and lm_head
-                  8-bit affine (group 64)                        ~12.1 GB
-      mxfp4-q4    the same with 4-bit affine                     ~11.2 GB
-      mxfp4-bf16  lossless: everything except experts as released ~13.8 GB
+    Recipes (sizes on disk in bfloat16: gpt-oss-20b, gpt-oss-120b):
+      mxfp4-q8    experts MXFP4 as released; embeddings, attention
+                  and lm_head 8-bit affine (group 64)     ~12.1 GB  ~63.3 GB
+      mxfp4-q4    the same with 4-bit affine              ~11.2 GB  ~62.2 GB
+      mxfp4-bf16  lossless: all but experts as released   ~13.8 GB  ~65.2 GB
     The router, norms, sinks and biases are never quantized.
 
     \b
@@ -70,6 +71,7 @@ def convert(
     \b
     Example:
       gptoss-mlx convert openai/gpt-oss-20b ~/models/gpt-oss-20b-mlx
+      gptoss-mlx convert openai/gpt-oss-120b ~/models/gpt-oss-120b-mlx
       gptoss-mlx convert ./gpt-oss-20b ./gpt-oss-20b-mlx-q4 --recipe mxfp4-q4
     """
     from ..convert.convert import convert as run_convert
