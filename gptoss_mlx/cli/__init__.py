@@ -10,6 +10,7 @@ mcp_tools.py    --mcp for chat and generate: consent and tool rounds; mcp_client
                 mcp_names.py names the tools for the model
 batch.py        batch; batch_job.py runs the JSONL job, batch_files.py reads and writes its files
 bench.py        bench
+serve.py        serve: the OpenAI-compatible server (the server package) on uvicorn
 progress.py     the progress bars of long jobs (tqdm)
 
 May import anything below it (engine, harmony, weights, model, convert). Nothing imports it.
@@ -23,7 +24,7 @@ traceback through the imports; once running, `main.Group` and `handle_errors` do
 import sys
 
 try:
-    from . import batch, bench, chat, generate, model_files, models  # noqa: F401  (registers)
+    from . import batch, bench, chat, generate, model_files, models, serve  # noqa: F401  (registers)
     from .main import main
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
