@@ -222,13 +222,16 @@ def serving(model, tokenizer, *, max_context: int = 1024, app_kwargs=None, **kw)
 
     api_key = kw.pop("api_key", None)
     model_id = kw.pop("model_id", "gpt-oss-20b")
+    strict_tools = kw.pop("strict_tools", False)
     scheduler = Scheduler(model, tokenizer, max_context=max_context, **kw)
     state = ServerState(
         scheduler=scheduler,
         tokenizer=tokenizer,
         model_id=model_id,
         max_context=max_context,
+        vocab_size=model.config.vocab_size,
         api_key=api_key,
+        strict_tools=strict_tools,
     )
     scheduler.start()
     try:

@@ -9,8 +9,10 @@ openai-harmony renders for the same conversation, an independent implementation 
 
 from __future__ import annotations
 
+import json
 import threading
 
+import jsonschema
 import pytest
 
 from conftest import make_tiny_config
@@ -60,9 +62,20 @@ def model(tok):
     m.add("sunny, 21C", final_answer(tok, "Report it.", "It is sunny and 21C in Paris."))
     m.add("Thanks!", final_answer(tok, "Polite.", "You are welcome."))
     m.add("Search the web", browser_call(tok))
+    m.add("Answer in JSON", analysis_then(tok, "final"))
+    m.add("Call a tool", analysis_then(tok, None))
     for tool in ("browser.search", "functions.get_weather"):  # the refusals the server sends
         m.add(refusal_text(tool, ()), final_answer(tok, "No tool.", "I cannot browse."))
     return m
+
+
+def analysis_then(tok, channel):
+    """Analysis, then the header of a message on `channel` (None: nothing more); the rest is left
+    to the model, held to its grammar."""
+    out = ids(tok, "<|channel|>", "analysis", "<|message|>", "Think.", "<|end|>")
+    if channel is not None:
+        out += ids(tok, "<|start|>", "assistant", "<|channel|>", channel, "<|message|>")
+    return out
 
 
 def browser_call(tok):
@@ -310,21 +323,89 @@ def test_a_call_cut_off_by_max_tokens_is_not_a_call(client):
     assert r.usage.completion_tokens == 20
 
 
-def test_tool_choice_none_leaves_the_tools_out_and_refuses_calls(client, model, tok, hx):
+def test_tool_choice_none_keeps_the_tools_and_forbids_calls(client, model, tok, hx):
     r = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Weather in Paris?"}],
         tools=[WEATHER_TOOL],
         tool_choice="none",
         temperature=0,
-        max_tokens=80,
+        max_tokens=40,
     )
+    # The script tries to call get_weather; the grammar allows only an answer.
     assert r.choices[0].message.tool_calls is None
-    # Its call to the undeclared get_weather was answered "not available" and it went on.
-    assert r.choices[0].message.content == "I cannot browse."
-    expected = harmony_prompt(hx, [("user", "Weather in Paris?", None)])
-    prompt = last_prompt_with(model, tok, "Weather in Paris?")  # the continuation's
-    assert prompt[: len(expected)] == expected
+    assert r.choices[0].finish_reason in ("stop", "length")
+    expected = harmony_prompt(hx, [("user", "Weather in Paris?", None)], tools=[WEATHER_TOOL])
+    assert last_prompt_with(model, tok, "Weather in Paris?")[: len(expected)] == expected
+
+
+# --------------------------------------------------------------------------- structured outputs
+
+ANSWER = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+CITY = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": CITY, "strict": True}},
+    {"type": "function", "function": {"name": "get_time", "parameters": CITY, "strict": True}},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_answer_validates(client, stream):
+    """The script writes the analysis and the final header; the random model's JSON is what the
+    grammar lets through, and jsonschema (the oracle) must accept it."""
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Answer in JSON"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}},
+        temperature=0,
+        max_tokens=60,
+    )
+    if stream:
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kw, stream=True)
+            if c.choices
+        )
+    else:
+        r = client.chat.completions.create(**kw)
+        assert r.choices[0].finish_reason == "stop"
+        text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), ANSWER)
+
+
+@pytest.mark.parametrize(
+    "choice,names",
+    [
+        ("required", {"get_weather", "get_time"}),
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ],
+)
+def test_tool_choice_forces_a_valid_call(client, choice, names):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Call a tool"}],
+        tools=STRICT_TOOLS,
+        tool_choice=choice,
+        temperature=0,
+        max_tokens=60,
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name in names
+    jsonschema.validate(json.loads(call.function.arguments), CITY)
 
 
 # --------------------------------------------------------------------------- other fields

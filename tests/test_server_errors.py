@@ -162,8 +162,26 @@ BAD_CHAT = [
     ({"functions": []}, "functions", "unsupported_parameter"),
     ({"bogus": 1}, "bogus", "unsupported_parameter"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
-    ({"response_format": {"type": "json_object"}}, "response_format", None),
-    ({"tool_choice": "required"}, "tool_choice", None),
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}},
+            }
+        },
+        "response_format.schema",
+        None,
+    ),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", None),
+    ({"tool_choice": "required"}, "tool_choice", None),  # no tools to call
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+        None,
+    ),
     ({"reasoning_effort": "extreme"}, "reasoning_effort", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
     (
@@ -201,7 +219,21 @@ BAD_RESPONSES = [
         None,
     ),
     ({"include": ["message.output_text.logprobs"]}, "include[0]", "unsupported_parameter"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format", None),
+    (
+        {
+            "text": {
+                "format": {
+                    "type": "json_schema",
+                    "name": "x",
+                    "schema": {"type": "array", "uniqueItems": True},
+                }
+            }
+        },
+        "text.format.schema",
+        None,
+    ),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", None),
+    ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice", None),
     ({"reasoning": {"effort": "minimal"}}, "reasoning.effort", None),
     ({"background": True}, "background", "unsupported_parameter"),
     ({"conversation": "conv_1"}, "conversation", "unsupported_parameter"),

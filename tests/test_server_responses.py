@@ -9,8 +9,10 @@ saw is compared with openai-harmony's rendering of the same conversation.
 
 from __future__ import annotations
 
+import json
 import logging
 
+import jsonschema
 import pytest
 
 from conftest import make_tiny_config
@@ -87,6 +89,7 @@ def model(tok):
     m.add("sunny, 21C", final_answer(tok, "Report it.", "It is sunny and 21C in Paris."))
     m.add("Fix the bug in a.py", preamble_then_call(tok))
     m.add("print(1)", final_answer(tok, "It prints 1.", "Done."))
+    m.add("Answer in JSON", ids(tok, "<|channel|>", "final", "<|message|>"))
     return m
 
 
@@ -298,6 +301,25 @@ def test_codex_like_stateless_round_trip_keeps_the_chain_of_thought(
         hx, loop, effort="low", tools=[SHELL_TOOL], instructions=f"{instructions}\n\nWork in /repo."
     )
     assert last_prompt_with(model, tok, "print(1)") == expected
+
+
+def test_text_format_holds_the_answer_to_its_schema(client):
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "name": "verdict", "schema": schema, "strict": True}
+    r = client.responses.create(
+        model=MODEL,
+        input="Answer in JSON",
+        text={"format": fmt},
+        temperature=0,
+        max_output_tokens=40,
+    )
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
 
 
 # --------------------------------------------------------------------------- endings

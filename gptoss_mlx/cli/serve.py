@@ -105,6 +105,12 @@ def default_model_id(config, folder) -> str:
     help="The model id /v1/models lists. [default: gpt-oss-20b or gpt-oss-120b by shape]",
 )
 @click.option(
+    "--strict-tools",
+    is_flag=True,
+    help="Hold every tool call's arguments to its JSON schema (constrained decoding), not only "
+    "the tools a request marks `strict`.",
+)
+@click.option(
     "--cors-origin",
     "cors_origins",
     multiple=True,
@@ -123,6 +129,7 @@ def serve(
     max_context,
     reasoning_effort,
     model_id,
+    strict_tools,
     cors_origins,
 ) -> None:
     """Serve the model over the OpenAI API: Chat Completions and Responses.
@@ -175,8 +182,10 @@ def serve(
         tokenizer=tok,
         model_id=model_id or default_model_id(mdl.config, path),
         max_context=context,
+        vocab_size=mdl.config.vocab_size,
         api_key=api_key or None,
         default_effort=reasoning_effort,
+        strict_tools=strict_tools,
     )
     app = create_app(state, cors_origins=cors_origins)
     scheduler.start()

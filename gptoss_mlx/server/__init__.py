@@ -8,6 +8,7 @@ chat_types.py        Chat Completions bodies, as pydantic models named after Ope
 responses_types.py   Responses API bodies and stream events, likewise
 chat_request.py      a Chat Completions request -> harmony ChatRequest + generation settings
 responses_request.py a Responses request (input items, instructions, tools) -> the same
+settings.py          what both share: sampling, structured outputs (grammars), the rendered prompt
 reasoning_blob.py    `reasoning.encrypted_content`: the chain of thought for stateless clients
 turn.py              one generation: submit to the engine, harmony-parse its tokens into deltas
 stop_strings.py      `stop` sequences matched on the visible text as it streams

@@ -2,8 +2,9 @@
 
 The messages go through harmony/request.py, the chat-request parser the CLI and batch use:
 system/developer/user/assistant/tool messages, assistant `tool_calls`, and reasoning given back
-under `reasoning_content`, `reasoning` or `thinking`. The renderer then applies harmony's rule to
-that reasoning (kept while a tool loop is open, dropped after a final answer).
+under `reasoning_content`, `reasoning` or `thinking`, as well as `response_format` and
+`tool_choice`. The renderer then applies harmony's rule to that reasoning (kept while a tool loop
+is open, dropped after a final answer).
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ from dataclasses import dataclass
 from ..harmony.request import ChatRequest, parse_chat_request
 from .chat_types import CompletionCreateParams
 from .errors import bad_request, unsupported
-from .settings import (
-    check_service_tier,
-    generation_spec,
-    parse_tool_choice,
-    sampling_params,
-    structured_constraint,
-)
+from .settings import check_service_tier, generation_spec, sampling_params
 from .turn import GenerationSpec
 
 MAX_STOPS = 4  # OpenAI's limit
@@ -41,8 +36,6 @@ def build_chat_call(body: CompletionCreateParams, state) -> ChatCall:
     _refuse_unsupported(body)
     check_service_tier(body.service_tier)
     effort = _effort(body, state.default_effort)
-    tool_choice = parse_tool_choice(body.tool_choice)
-    structured_constraint(tool_choice, body.response_format, "response_format")
     sampling = sampling_params(body.temperature, body.top_p, body.top_k, body.min_p, body.seed)
     if (
         body.max_tokens is not None
@@ -57,17 +50,15 @@ def build_chat_call(body: CompletionCreateParams, state) -> ChatCall:
     stops = _stops(body.stop)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed with stream: true", "stream_options")
-    obj = {"messages": body.messages, "tools": body.tools, "reasoning_effort": effort}
+    obj = {
+        "messages": body.messages,
+        "tools": body.tools,
+        "reasoning_effort": effort,
+        "response_format": body.response_format,
+        "tool_choice": body.tool_choice,
+    }
     request = parse_chat_request(obj)
-    spec = generation_spec(
-        request,
-        state.tokenizer,
-        max_context=state.max_context,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        tool_choice=tool_choice,
-        stops=stops,
-    )
+    spec = generation_spec(request, state, max_tokens=max_tokens, sampling=sampling, stops=stops)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     show_reasoning = not (body.reasoning is not None and body.reasoning.exclude)
     return ChatCall(request, spec, bool(body.stream), include_usage, show_reasoning)

@@ -10,29 +10,26 @@
   not rendered;
 - function_call_output items become tool messages, named after the call they answer.
 `instructions` come first; with `previous_response_id` the stored conversation comes next (its
-instructions are not carried over, as at OpenAI). Function tools are rendered; other tool types
-(web_search, custom, ...) are left out with a warning in the log, not refused: Codex sends them.
+instructions are not carried over, as at OpenAI). Function tools are rendered (`strict` ones held
+to their parameters by the grammar); other tool types (web_search, custom, ...) are left out with
+a warning in the log, not refused: Codex sends them. `text.format` and `tool_choice` are the
+structured outputs of settings.py.
 Every problem is a 400 naming the field (`input[3].call_id: ...`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import UsageError
 from ..harmony.request import ChatRequest, parse_chat_request
+from ..harmony.response_format import parse_response_format
 from .errors import APIError, bad_request, unsupported
 from .reasoning_blob import decode_reasoning
 from .responses_types import ResponseCreateParams
-from .settings import (
-    check_service_tier,
-    generation_spec,
-    parse_tool_choice,
-    sampling_params,
-    structured_constraint,
-)
+from .settings import check_service_tier, generation_spec, sampling_params
 from .turn import FUNCTION_NAME, GenerationSpec
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -70,8 +67,7 @@ def build_responses_call(body: ResponseCreateParams, state) -> ResponsesCall:
             f"reasoning.effort: expected one of low, medium, high, got {effort!r}",
             "reasoning.effort",
         )
-    tool_choice = parse_tool_choice(body.tool_choice)
-    structured_constraint(tool_choice, body.text.format if body.text else None, "text.format")
+    response_format = parse_response_format(body.text.format if body.text else None, "text.format")
     sampling = sampling_params(body.temperature, body.top_p)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
@@ -92,20 +88,26 @@ def build_responses_call(body: ResponseCreateParams, state) -> ResponsesCall:
     if not messages:
         raise bad_request("input: empty; send at least one message", "input")
     chat_tools = [{"type": "function", "function": _chat_function(t)} for t in tools]
+    obj = {
+        "messages": messages,
+        "tools": chat_tools,
+        "reasoning_effort": effort,
+        "tool_choice": body.tool_choice,
+    }
     try:
-        request = parse_chat_request(
-            {"messages": messages, "tools": chat_tools, "reasoning_effort": effort}
-        )
+        request = parse_chat_request(obj)
     except UsageError as e:  # residual checks of harmony/request.py, in its chat terms
+        if str(e).startswith("tool_choice"):
+            raise
         raise bad_request(f"input: {e}", "input") from None
-    spec = generation_spec(
-        request,
-        state.tokenizer,
-        max_context=state.max_context,
-        max_tokens=body.max_output_tokens,
-        sampling=sampling,
-        tool_choice=tool_choice,
-    )
+    request = replace(request, response_format=response_format)
+    try:
+        spec = generation_spec(request, state, max_tokens=body.max_output_tokens, sampling=sampling)
+    except UsageError as e:  # the grammar names the chat field; here it is text.format
+        message = str(e)
+        if message.startswith("response_format"):
+            raise UsageError("text.format" + message.removeprefix("response_format")) from None
+        raise
     summary = body.reasoning.summary or body.reasoning.generate_summary if body.reasoning else None
     return ResponsesCall(
         request,
@@ -171,6 +173,8 @@ def function_tools(raw: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
             raise bad_request(
                 f"tools[{i}].description: expected a string", f"tools[{i}].description"
             )
+        if tool.get("strict") is not None and not isinstance(tool["strict"], bool):
+            raise bad_request(f"tools[{i}].strict: expected true or false", f"tools[{i}].strict")
         out.append(tool)
     if skipped:
         log.warning(
@@ -182,10 +186,9 @@ def function_tools(raw: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 def _chat_function(tool: dict[str, Any]) -> dict[str, Any]:
     fn = {"name": tool["name"]}
-    if tool.get("description") is not None:
-        fn["description"] = tool["description"]
-    if tool.get("parameters") is not None:
-        fn["parameters"] = tool["parameters"]
+    for key in ("description", "parameters", "strict"):
+        if tool.get(key) is not None:
+            fn[key] = tool[key]
     return fn
 
 

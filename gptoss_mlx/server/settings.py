@@ -1,22 +1,23 @@
-"""Generation settings both APIs share: sampling, tool_choice, structured outputs, and the
-prompt rendered for the engine.
+"""Generation settings both APIs share: sampling, structured outputs, and the prompt rendered for
+the engine.
 
-Every value we cannot honour is refused with a 400 naming the field. Two hooks wait for the
-structured-outputs issue (13): `tool_choice` "required" or a named function, and a JSON
-`response_format` / `text.format`. Both need constrained decoding (a per-sequence token constraint
-passed to the scheduler as `GenerationRequest.constraint`); until it exists they are refused here,
-in `structured_constraint`, the one place to plug it in.
+Structured outputs are the library's (engine/constraints): `response_format` / `text.format`
+(JSON schema or any JSON object), `tool_choice` ("none", "required", a named function) and
+`strict` function tools become one llguidance grammar over the whole harmony turn, compiled once
+per request shape (an LRU of grammars) and started as a fresh `TokenConstraint` for each
+generation. A schema llguidance cannot enforce is a 400 naming it: a request never runs
+unconstrained by accident.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
 from typing import Any
 
 from ..engine.generate import SamplingParams
 from ..harmony.render import render_prompt
 from ..harmony.request import ChatRequest
-from .errors import APIError, bad_request, unsupported
+from .errors import unsupported
 from .turn import GenerationSpec
 
 # gpt-oss's card recommends temperature 1.0, top_p 1.0: the defaults of OpenAI's API too.
@@ -25,67 +26,33 @@ DEFAULT_TOP_P = 1.0
 SERVICE_TIERS = (None, "auto", "default")
 
 
-@dataclass(frozen=True)
-class ToolChoice:
-    """`mode`: "auto" (the model decides), "none" (no calls: tools are left out of the prompt),
-    "required" or "function" (issue 13: constrained decoding; `name` for "function")."""
+class GrammarCache(OrderedDict):
+    """compile_grammar's cache (grammar text -> Grammar), least recently used out: clients that
+    send a new schema with every request must not grow the server without bound."""
 
-    mode: str = "auto"
-    name: str | None = None
+    def __init__(self, max_entries: int = 64):
+        super().__init__()
+        self.max_entries = max_entries
 
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
 
-def parse_tool_choice(value: Any, param: str = "tool_choice") -> ToolChoice:
-    if value is None or value == "auto":
-        return ToolChoice("auto")
-    if value == "none":
-        return ToolChoice("none")
-    if value == "required":
-        return ToolChoice("required")
-    if isinstance(value, dict):
-        kind = value.get("type")
-        # Chat: {"type": "function", "function": {"name": ...}}; Responses: {"type", "name"}.
-        fn = value.get("function") if isinstance(value.get("function"), dict) else value
-        if kind == "function" and isinstance(fn.get("name"), str):
-            return ToolChoice("function", fn["name"])
-        raise bad_request(
-            f'{param}: expected "auto", "none", "required" or '
-            '{"type": "function", ...} naming a function',
-            param=param,
-        )
-    raise bad_request(
-        f'{param}: expected "auto", "none", "required" or a named function, got {value!r}',
-        param=param,
-    )
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.max_entries:
+            self.popitem(last=False)
 
 
-def structured_constraint(
-    tool_choice: ToolChoice, response_format: dict[str, Any] | None, format_param: str
-) -> Any:
-    """The token constraint for forced tool calls or JSON answers (issue 13); None without one.
+def grammar_for(request: ChatRequest, state) -> Any:
+    """The compiled grammar that holds `request`'s turn to its format and tool choice, or None
+    when nothing constrains it; UsageError (400) naming what cannot be enforced."""
+    from ..engine.constraints import GrammarSpec, compile_grammar
 
-    Refused until constrained decoding lands: answering these without it would be a silent
-    fallback (a free-form answer where the client was promised JSON or a call)."""
-    if tool_choice.mode in ("required", "function"):
-        what = (
-            "required" if tool_choice.mode == "required" else f"the function {tool_choice.name!r}"
-        )
-        raise APIError(
-            400,
-            f"tool_choice: forcing {what} needs structured outputs (constrained decoding), which "
-            'this server does not have yet; use "auto"',
-            param="tool_choice",
-            code="unsupported_value",
-        )
-    kind = (response_format or {}).get("type", "text")
-    if kind != "text":
-        raise APIError(
-            400,
-            f"{format_param}: {kind!r} needs structured outputs (constrained decoding), which this "
-            "server does not have yet; ask for JSON in the instructions instead",
-            param=format_param,
-            code="unsupported_value",
-        )
-    return None
+    spec = GrammarSpec.of(request, strict_tools=state.strict_tools)
+    return compile_grammar(spec, state.tokenizer, state.vocab_size, cache=state.grammars)
 
 
 def sampling_params(
@@ -115,28 +82,25 @@ def check_service_tier(value: str | None) -> None:
 
 def generation_spec(
     request: ChatRequest,
-    tokenizer: Any,
+    state,
     *,
-    max_context: int,
     max_tokens: int | None,
     sampling: SamplingParams,
-    tool_choice: ToolChoice,
     stops: tuple[str, ...] = (),
 ) -> GenerationSpec:
-    """Render `request` (without its tools when tool_choice is "none": the model is not offered
-    them, and a call it makes anyway is refused inside the turn) and size the budget:
-    `max_tokens`, or the room the context leaves. A prompt that does not fit is left for the
-    scheduler to refuse (ContextLengthExceeded -> 400 context_length_exceeded)."""
-    if tool_choice.mode == "none":
-        request = ChatRequest(request.messages, (), request.reasoning_effort, request.extra)
-    prompt = render_prompt(request, tokenizer)
-    room = max(1, max_context - len(prompt))
+    """Render `request`, compile its grammar (if any), and size the budget: `max_tokens`, or the
+    room the context leaves. A prompt that does not fit is left for the scheduler to refuse
+    (ContextLengthExceeded -> 400 context_length_exceeded)."""
+    grammar = grammar_for(request, state)
+    prompt = render_prompt(request, state.tokenizer)
+    room = max(1, state.max_context - len(prompt))
     budget = room if max_tokens is None else min(max_tokens, room)
     return GenerationSpec(
         prompt=prompt,
         max_tokens=budget,
         sampling=sampling,
-        max_context=max_context,
+        max_context=state.max_context,
         functions=tuple(t.name for t in request.tools),
         stops=stops,
+        grammar=grammar,
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import APIError
 from .response_store import ResponseStore
+from .settings import GrammarCache
 
 
 def model_aliases(model_id: str) -> tuple[str, ...]:
@@ -28,17 +29,22 @@ class ServerState:
     tokenizer: the model's harmony tokenizer.
     model_id: the id /v1/models lists (e.g. "gpt-oss-20b").
     max_context: the context limit the scheduler enforces (prompt + generated tokens).
+    vocab_size: the model's vocabulary size (structured outputs' grammars mask its logits).
     api_key: the key every endpoint but /health needs (None: no key).
     default_effort: the reasoning effort of requests that do not set one.
+    strict_tools: hold every function call's arguments to its schema, not only `strict` tools.
     """
 
     scheduler: Any
     tokenizer: Any
     model_id: str
     max_context: int
+    vocab_size: int
     api_key: str | None = None
     default_effort: str = "medium"
+    strict_tools: bool = False
     store: ResponseStore = field(default_factory=ResponseStore)
+    grammars: GrammarCache = field(default_factory=GrammarCache)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -9,9 +9,10 @@ Both APIs stream the same model output, so both read it from here:
 - calls follow the library's one rule (harmony/calls.py, harmony/turn.py): only a `<|call|>` to a
   declared `functions.NAME` is a tool call, reported once, complete; a call cut off by the token
   limit is not a call (the turn finishes with "length"); a call to anything else (gpt-oss's
-  built-in `browser.*` / `python`, an undeclared function, any function under tool_choice "none")
-  is answered inside the turn with "not available" and the model goes on, in a new segment
-  submitted to the engine with the same budget;
+  built-in `browser.*` / `python`, an undeclared function) is answered inside the turn with "not
+  available" and the model goes on, in a new segment submitted to the engine with the same
+  budget. Under a grammar (settings.py: structured outputs, tool_choice "none" / "required" /
+  named, strict tools) the model can only make the calls it allows;
 - `stop` sequences cut the visible text (stop_strings.py) and cancel the rest of the generation.
 """
 
@@ -23,6 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..engine.generate import SamplingParams
 from ..engine.request_stream import Failed, Finished, TokenEvent
@@ -97,7 +99,7 @@ class Usage:
 class TurnParser:
     """Harmony tokens -> TurnEvents, across the segments of one assistant turn.
 
-    `functions`: the declared function names (empty under tool_choice "none"). `turn` is the
+    `functions`: the declared function names. `turn` is the
     library's AssistantTurn, which decides after each segment whether a refused call is to be
     answered, and the finish reason.
     """
@@ -221,6 +223,7 @@ class GenerationSpec:
     max_context: int
     functions: tuple[str, ...] = ()
     stops: tuple[str, ...] = ()
+    grammar: Any = None  # engine/constraints Grammar: structured outputs, tool_choice, strict tools
 
 
 class Generation:
@@ -254,9 +257,16 @@ class Generation:
 
         self._segments += 1
         rid = self.request_id if self._segments == 1 else f"{self.request_id}.{self._segments}"
+        # The grammar covers the turn from its start; it allows only declared functions, so no
+        # refused call (and no continuation segment) happens under it.
+        grammar = self.spec.grammar if self._segments == 1 else None
         return self.state.scheduler.submit(
             GenerationRequest(
-                prompt=prompt, max_tokens=max_tokens, sampling=self.spec.sampling, id=rid
+                prompt=prompt,
+                max_tokens=max_tokens,
+                sampling=self.spec.sampling,
+                constraint=grammar.constraint() if grammar is not None else None,
+                id=rid,
             )
         )
 

@@ -66,6 +66,9 @@ def fill_masks(rows: Sequence[tuple[TokenConstraint, int]], bitmask: np.ndarray)
 
 
 _SHIFTS = mx.arange(32, dtype=mx.uint32)
+# Evaluated now: an unevaluated array belongs to the stream of the thread that built it, and the
+# server's engine thread (engine/scheduler.py) applies masks on a thread of its own.
+mx.eval(_SHIFTS)
 
 
 @mx.compile
