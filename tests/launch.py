@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,17 +82,51 @@ def start(n: int, argv: list[str], env: dict[str, str] | None = None) -> subproc
 
 
 def finish(proc: subprocess.Popen, timeout: float, stdin: str | None = None) -> Launched:
-    """Wait for `proc` (at most `timeout` seconds), then make sure nothing of it is left."""
+    """Wait for `proc` (at most `timeout` seconds), then make sure nothing of it is left.
+
+    The launcher's stdin stays open until the end: at end of file mlx.launch (0.32) spins on it,
+    taking most of a core from the ranks it runs."""
+    chunks: dict[int, list[bytes]] = {1: [], 2: []}
+
+    def drain(stream, key: int) -> None:
+        fd = stream.fileno()
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                return
+            chunks[key].append(data)
+
+    readers = [
+        threading.Thread(target=drain, args=(proc.stdout, 1), daemon=True),
+        threading.Thread(target=drain, args=(proc.stderr, 2), daemon=True),
+    ]
+    for t in readers:
+        t.start()
     try:
-        out, err = proc.communicate(stdin, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"mlx.launch ran past {timeout} s\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
-        ) from None
+        if stdin:
+            proc.stdin.write(stdin)
+            proc.stdin.flush()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            proc.wait()
+            for t in readers:
+                t.join(5)
+            out, err = (b"".join(chunks[k]).decode(errors="replace") for k in (1, 2))
+            raise AssertionError(
+                f"mlx.launch ran past {timeout} s\n--- stdout\n{out[-3000:]}\n"
+                f"--- stderr\n{err[-3000:]}"
+            ) from None
     finally:
         stop(proc)
+        for t in readers:
+            t.join(10)
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    out, err = (b"".join(chunks[k]).decode(errors="replace") for k in (1, 2))
     return Launched(proc.returncode, out, err)
 
 
