@@ -7,8 +7,8 @@ speed and memory per rank in each --shard mode against the unsharded model.
     python scripts/bench_distributed.py --model DIR --tokens 32
     mlx.launch --hostfile hosts.json -- python scripts/bench_distributed.py --worker   # two Macs
 
-Without --worker it starts itself under this virtualenv's mlx.launch (ring backend, one rank per
-process on this machine). Each figure is the median of --reps timed repetitions after a warm-up.
+Without --worker it starts --ranks copies of itself on this machine as ring ranks (as mlx.launch
+would, but without its relay loop, which busy-polls; --via-mlx-launch uses mlx.launch itself). Each figure is the median of --reps timed repetitions after a warm-up.
 The messages are those of one decode token: an all_sum of one hidden state (2880 values, bf16 as
 on a Mac and float32 as on MLX's CPU backend) per layer (expert: one, tensor: two), an all_sum of
 one int32 (rank 0's token, every mode), a neighbour send/recv of one hidden state (pipeline).
@@ -137,26 +137,11 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(report), flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ranks", type=int, default=2, help="processes to start on this machine")
-    p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--model", help="a converted folder: also time decoding in each mode")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--worker", action="store_true", help="run as one rank (under mlx.launch)")
-    args = p.parse_args()
-    if args.worker:
-        return worker(args)
+def launched(ranks: int, worker_cmd: list[str], env: dict[str, str]) -> str:
+    """The ranks under this virtualenv's mlx.launch (ring backend)."""
     launcher = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launcher), "-n", str(args.ranks), "--backend", "ring", "--", sys.executable]
-    cmd += [__file__, "--worker", "--reps", str(args.reps), "--tokens", str(args.tokens)]
-    if args.model:
-        cmd += ["--model", args.model]
-    env = {**os.environ, "GPTOSS_MLX_THREADS": os.environ.get("GPTOSS_MLX_THREADS", "1")}
-    # mlx.launch's stdin stays open (never written): at end of file it spins on it, taking a
-    # core from the ranks being measured.
+    cmd = [str(launcher), "-n", str(ranks), "--backend", "ring", "--", *worker_cmd]
+    # Its stdin stays open (never written): at end of file mlx.launch spins on it.
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
@@ -168,6 +153,63 @@ def main() -> None:
     output = proc.stdout.read()
     proc.wait()
     proc.stdin.close()
+    return output
+
+
+def direct(ranks: int, worker_cmd: list[str], env: dict[str, str]) -> str:
+    """The ranks started here the way mlx.launch starts ring ranks on one machine (MLX_RANK and
+    MLX_HOSTFILE), without the launcher: its relay loop busy-polls the ranks' pipes (a third of
+    a core with MLX 0.32), which on a small machine slows the very ranks being timed."""
+    import socket
+    import tempfile
+
+    ports = []
+    for _ in range(ranks):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[f"127.0.0.1:{p}"] for p in ports], f)
+    procs = [
+        subprocess.Popen(
+            worker_cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": f.name},
+        )
+        for r in range(ranks)
+    ]
+    try:
+        return "".join(p.communicate(timeout=3600)[0] for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        os.unlink(f.name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--ranks", type=int, default=2, help="processes to start on this machine")
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--model", help="a converted folder: also time decoding in each mode")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--worker", action="store_true", help="run as one rank (under mlx.launch)")
+    p.add_argument(
+        "--via-mlx-launch",
+        action="store_true",
+        help="start the ranks with mlx.launch (default: directly, as it would, without its relay)",
+    )
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    worker_cmd = [sys.executable, __file__, "--worker", "--reps", str(args.reps)]
+    worker_cmd += ["--tokens", str(args.tokens)] + (["--model", args.model] if args.model else [])
+    env = {**os.environ, "GPTOSS_MLX_THREADS": os.environ.get("GPTOSS_MLX_THREADS", "1")}
+    output = (launched if args.via_mlx_launch else direct)(args.ranks, worker_cmd, env)
     reports = sorted(
         (json.loads(line) for line in output.splitlines() if line.startswith("{")),
         key=lambda r: r["rank"],

@@ -15,16 +15,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-# The parity tests of gpt-oss-20b, collected again here with this module's `lossless` fixture.
-from test_model import (  # noqa: F401
-    WIDE,
-    test_batch_rows_are_independent,
-    test_incremental_and_chunked_prefill_equal_one_pass,
-    test_last_only_equals_last_row,
-    test_logits_match_mlx_lm_with_unrounded_yarn,
-    test_logits_match_numpy_float64_reference,
-)
-
 import gptoss_mlx.convert.convert as convert_module
 from conftest import make_tiny_config
 from gptoss_mlx.cli import main
@@ -34,6 +24,16 @@ from gptoss_mlx.convert.resolve import cache_path
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint, write_original_checkpoint
 from gptoss_mlx.model.config import ModelConfig
 from gptoss_mlx.weights.loading import inspect_folder, load_model
+
+# The parity tests of gpt-oss-20b, collected again here with this module's `lossless` fixture.
+from test_model import (  # noqa: F401
+    WIDE,
+    test_batch_rows_are_independent,
+    test_incremental_and_chunked_prefill_equal_one_pass,
+    test_last_only_equals_last_row,
+    test_logits_match_mlx_lm_with_unrounded_yarn,
+    test_logits_match_numpy_float64_reference,
+)
 
 HUB_ID = "openai/gpt-oss-120b"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "gpt-oss-120b"

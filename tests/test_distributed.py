@@ -14,18 +14,18 @@ import json
 import math
 from pathlib import Path
 
-import distributed_checks as checks
 import mlx.core as mx
 import numpy as np
 import pytest
-from launch import MLX_LAUNCH, launch, python
 
+import distributed_checks as checks
 from conftest import make_tiny_config
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
 from gptoss_mlx.engine.shard_memory import Layout, rank_plan
 from gptoss_mlx.model.parallel import ShardPlan
 from gptoss_mlx.weights.loading import inspect_folder, load_model
+from launch import MLX_LAUNCH, launch, python
 
 WINDOW = 8
 EXPERTS = {"20b": 32, "120b": 128}  # the two released shapes' expert counts (top 4 of each)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from launch import cli, finish, launch, rank_env, rank_pids, start
 
 from conftest import make_tiny_config
 from gptoss_mlx.cli import main
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
+from launch import cli, finish, launch, rank_env, rank_pids, start
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,18 @@ def test_shard_help_teaches():
     assert "--shard [expert|tensor|pipeline]" in res.stdout and "mlx.launch" in res.stdout
     assert "--shard-timeout" in res.stdout
     assert sys.executable  # the ranks run this interpreter (launch.cli)
+
+
+def test_stdin_input_under_mlx_launch_is_refused(monkeypatch):
+    """mlx.launch forwards its stdin but never closes the ranks' stdin: a prompt or a batch read
+    to its end would wait forever, so it is refused with what to pass instead."""
+    from gptoss_mlx.cli.sharded import refuse_piped_stdin
+    from gptoss_mlx.errors import UsageError
+
+    a_cluster = object()  # any cluster: only whether there is one matters here
+    refuse_piped_stdin(None, "the prompt", "pass it with -p")  # not sharded: fine
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    refuse_piped_stdin(a_cluster, "the prompt", "pass it with -p")  # mpirun closes stdin
+    monkeypatch.setenv("MLX_RANK", "0")
+    with pytest.raises(UsageError, match="cannot come from stdin .*: pass it with -p$"):
+        refuse_piped_stdin(a_cluster, "the prompt", "pass it with -p")

@@ -12,6 +12,8 @@ batch.py        batch; batch_job.py runs the JSONL job, batch_files.py reads and
 bench.py        bench
 serve.py        serve: the OpenAI-compatible server (the server package) on uvicorn
 progress.py     the progress bars of long jobs (tqdm)
+sharded.py      --shard under mlx.launch: rank 0 leads, the other ranks follow its orders;
+                shard_view.py prints info --shard
 
 May import anything below it (engine, harmony, weights, model, convert). Nothing imports it.
 Commands import their heavy modules inside the function, so `--help` loads neither MLX nor mlx-lm.

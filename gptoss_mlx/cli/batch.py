@@ -81,16 +81,17 @@ def batch(
     `| head`: --resume then needs -o FILE). A write that fails (a full
     disk) exits 1, keeping what was written; --resume finishes it.
     """
-    from gptoss_mlx.convert.resolve import resolve_model
-
     from ..engine.generate import SamplingParams
-    from ..engine.runtime import load_for_inference
     from ..harmony.render import check_date
     from .batch_files import count_lines, open_input, plan_output
     from .batch_job import BatchDefaults, BatchJob, run_batch_file
     from .console import load_tools_file
+    from .sharded import follow, join_cluster, lead_batch, open_model, refuse_piped_stdin
     from .streams import require_stdout
 
+    cluster = join_cluster(opts)  # first, before anything runs MLX (--shard: cli/sharded.py)
+    if cluster is not None and not cluster.leader:
+        return follow(cluster)  # rank 0 reads the input and writes the records
     tools_file, system, developer = opts["tools_file"], opts["system"], opts["developer"]
     structured = structured_from_options(opts)
     defaults = BatchDefaults(
@@ -111,7 +112,9 @@ def batch(
     # Every usage problem is reported before the model loads and before OUT is touched.
     defaults.validate()
     date = check_date(date)
-    if input_file != "-":
+    if input_file == "-":
+        refuse_piped_stdin(cluster, "the input", "pass a FILE")
+    else:
         open_input(input_file).close()
     lines = count_lines(input_file)
     if lines is not None:
@@ -120,8 +123,8 @@ def batch(
     plan = plan_output(output, overwrite=overwrite, resume=resume, input_path=input_file)
     if plan.path is None:
         require_stdout()
-    model, tokenizer, max_context = load_for_inference(
-        resolve_model(opts["model"]), opts["max_context"], batch=batch_size
+    model, tokenizer, max_context = open_model(
+        cluster, opts["model"], opts["max_context"], batch=batch_size
     )
     job = BatchJob(
         model,
@@ -132,6 +135,7 @@ def batch(
         date=date,
         fail_fast=fail_fast,
     )
+    lead_batch(cluster, job)  # --shard: the other ranks run the same lines
     summary = run_batch_file(job, input_file, plan, progress=progress, quiet=quiet)
     if verbose:
         click.echo(job.engine.stats.summary(), err=True)

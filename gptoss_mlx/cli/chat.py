@@ -36,12 +36,16 @@ def chat(hide_reasoning: bool, verbose: bool, **opts) -> None:
     """
     from .mcp_tools import echo_err, mcp_tools
     from .repl import ChatLoop
+    from .sharded import follow, join_cluster
     from .streams import require_stdout
 
+    cluster = join_cluster(opts)  # first, before anything runs MLX (--shard: cli/sharded.py)
+    if cluster is not None and not cluster.leader:
+        return follow(cluster)  # rank 0 reads the messages; the others repeat its turns
     require_stdout()
     interactive = sys.stdin is not None and sys.stdin.isatty()
     with mcp_tools(opts, interactive=interactive, command="chat") as tools:
-        session = session_from_options(**opts)
+        session = session_from_options(cluster=cluster, **opts)
         if tools is not None:
             tools.attach(session, echo_err)
         loop = ChatLoop(session, show_reasoning=not hide_reasoning, verbose=verbose, tools=tools)

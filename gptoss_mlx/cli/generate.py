@@ -94,12 +94,17 @@ def generate(
     import json as _json
 
     from ..errors import UsageError
+    from .sharded import follow, join_cluster, mirrored, refuse_piped_stdin
     from .streams import check_text, echo, read_stdin_text, require_stdout
 
+    cluster = join_cluster(opts)  # first, before anything runs MLX (--shard: cli/sharded.py)
+    if cluster is not None and not cluster.leader:
+        return follow(cluster)  # the other ranks repeat rank 0's work
     if raw:
         refuse_with_raw()
     require_stdout()
     if prompt_text is None:
+        refuse_piped_stdin(cluster, "the prompt", "pass it with -p")
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt: pass -p TEXT or pipe the prompt on stdin")
         prompt_text = read_stdin_text()
@@ -114,7 +119,7 @@ def generate(
     tools = click.get_current_context().with_resource(
         mcp_tools(opts, interactive=False, command="generate", raw=raw)
     )
-    session = session_from_options(structured=structured, **opts)
+    session = session_from_options(structured=structured, cluster=cluster, **opts)
     if tools is not None:
         tools.attach(session, echo_err)
     if raw:
@@ -126,7 +131,7 @@ def generate(
         detok = StreamingDetokenizer(tok)
         pieces = []
         eos = (tok.special("<|endoftext|>"), tok.return_)
-        for t in generate_tokens(
+        for t in mirrored(session, generate_tokens)(
             session.model,
             tok.encode(prompt_text),
             max_tokens=session.max_tokens,

@@ -144,7 +144,9 @@ def model_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    from .sharded import shard_options
+
+    return shard_options(fn)
 
 
 def session_from_options(
@@ -161,16 +163,16 @@ def session_from_options(
     max_tokens,
     max_context,
     structured=None,
+    cluster=None,
     **_,
 ):
     """Load the model and start a ChatSession from the shared options (`structured`: the
-    StructuredSettings of cli/structured.py, if the command has those options)."""
-    from gptoss_mlx.convert.resolve import resolve_model
-
+    StructuredSettings of cli/structured.py, if the command has those options; `cluster`: the
+    ranks of a --shard run, see cli/sharded.py, whose other ranks then repeat its turns)."""
     from ..engine.chat import ChatSession
     from ..engine.generate import SamplingParams
-    from ..engine.runtime import load_for_inference
     from .console import load_tools_file
+    from .sharded import lead_session, open_model
     from .streams import check_text
 
     sampling = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
@@ -179,9 +181,8 @@ def session_from_options(
     developer = check_text(developer, "--developer") if developer else developer
     tools = load_tools_file(tools_file) if tools_file else []
     instructions = "\n\n".join(t for t in (system, developer) if t) or None
-    path = resolve_model(model)
-    mdl, tok, max_context = load_for_inference(path, max_context)
-    return ChatSession(
+    mdl, tok, max_context = open_model(cluster, model, max_context)
+    session = ChatSession(
         mdl,
         tok,
         reasoning_effort=reasoning_effort,
@@ -192,6 +193,7 @@ def session_from_options(
         max_context=max_context,
         **(structured.session_kwargs() if structured is not None else {}),
     )
+    return lead_session(cluster, session)
 
 
 class Group(click.Group):

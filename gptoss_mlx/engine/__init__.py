@@ -10,10 +10,12 @@ scheduler.py     the server's engine thread: a request queue into batching, toke
 request_stream.py  one request's events (tokens, then finished/failed), for threads or asyncio
 chat.py          ChatSession: harmony turns streamed as events, the conversation's history
 memory.py        the memory preflight: weights + KV cache + working memory vs the device
+memory_table.py  `info`'s calculator: every recipe x context x batch, before any download
 runtime.py       load(): model + tokenizer; load_for_inference(): preflight first
+distributed.py   one rank of a --shard run: rank 0's token for all, agreement, watchdog;
+                 sharded_runtime.py loads a rank's share, shard_memory.py sizes it
 bench.py         the measurements behind `gptoss-mlx bench`
 
-memory_table.py  `info`'s calculator: every recipe x context x batch, before any download
 May import: gptoss_mlx.errors, model, weights, harmony, and convert (memory_table sizes our
 recipes with the converter's own plan). Never a front end (cli, server).
 """

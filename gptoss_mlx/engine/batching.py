@@ -33,6 +33,7 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCa
 
 from ..errors import GptOssError, UsageError
 from ..harmony.parser import HarmonyIds
+from .distributed import agree_on_tokens
 from .generate import NonFiniteLogitsError, SamplingParams, prefill, room_to_generate
 
 # The error of a sequence whose logits went NaN or infinite (where `generate` would raise
@@ -431,6 +432,7 @@ class BatchEngine:
         sampling = RowSampling.of([req.sampling])
         masked = [(row.constraint, 0)] if row.constraint is not None else []
         y, ok, sampling = self._sample(logits[None], sampling, masked)
+        y, ok = agree_on_tokens(self.model, y, ok)  # a sharded model: rank 0's token
         mx.eval(y, ok, sampling.keys)
         self.stats.prompt_seconds += time.perf_counter() - t0
         return _Joining(row, cache, y, ok, sampling)
@@ -494,6 +496,7 @@ class BatchEngine:
                 tokens, finite = y.tolist(), ok.tolist()
                 broken = self._advance(rows, tokens, finite)
             batch.y, batch.ok, batch.sampling = self._sample(logits, batch.sampling, masked)
+            batch.y, batch.ok = agree_on_tokens(self.model, batch.y, batch.ok)
             mx.async_eval(batch.y, batch.ok, batch.sampling.keys)
             self.stats.steps += 1
             self.stats.row_steps += len(feed)

@@ -17,6 +17,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from ..errors import GptOssError, UsageError
 from ..model.compiled_decode import start_decoder
+from .distributed import agree_on_tokens
 
 # Prompt tokens per forward pass during prefill. On a GPU larger chunks amortise weight reads
 # across more tokens (the sorted expert gather reads each expert once per chunk); smaller ones bound
@@ -296,7 +297,8 @@ def generate_tokens(
 
             logits = mask_logits(logits[None], [(constraint, 0)])[0]
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs[None])[0], ok
+        # A sharded model: every rank takes rank 0's token (engine/distributed.py).
+        return agree_on_tokens(model, sampler(logprobs[None])[0], ok)
 
     t0 = time.perf_counter()
     stats.prompt_tokens = len(prompt)
