@@ -130,6 +130,12 @@ def finish(proc: subprocess.Popen, timeout: float, stdin: str | None = None) -> 
     return Launched(proc.returncode, out, err)
 
 
+def finish_killed(proc: subprocess.Popen) -> Launched:
+    """End a run that does not end by itself (a server): kill every rank, return the output."""
+    stop(proc)
+    return finish(proc, timeout=30)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Kill the launcher's whole process group (every rank)."""
     try:

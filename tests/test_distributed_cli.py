@@ -24,7 +24,7 @@ from conftest import make_tiny_config
 from gptoss_mlx.cli import main
 from gptoss_mlx.convert.convert import convert
 from gptoss_mlx.convert.synthetic import write_hf_checkpoint
-from launch import cli, finish, launch, rank_env, rank_pids, start
+from launch import cli, finish, finish_killed, launch, rank_env, rank_pids, start
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +213,93 @@ def test_stdin_input_under_mlx_launch_is_refused(monkeypatch):
     monkeypatch.setenv("MLX_RANK", "0")
     with pytest.raises(UsageError, match="cannot come from stdin .*: pass it with -p$"):
         refuse_piped_stdin(a_cluster, "the prompt", "pass it with -p")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _chat(url: str, text: str, **kw) -> str:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": text}], temperature=0, **kw
+    )
+    return r.choices[0].message.content or ""
+
+
+def _stream_and_leave(url: str, text: str) -> None:
+    """A streamed request the client drops after its first chunk: the server cancels it."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": text}], max_tokens=500, stream=True
+    )
+    next(iter(stream))
+    stream.close()
+
+
+def _serving(proc, url: str, timeout: float = 240) -> None:
+    from server_support import request, wait_until
+
+    def up() -> bool:
+        assert proc.poll() is None, "the server exited"
+        try:
+            return request(url, "GET", "/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    assert wait_until(up, timeout=timeout), "the server did not come up"
+
+
+def test_serve_expert_answers_as_unsharded(model, tmp_path):
+    """The OpenAI client against `serve --shard expert` on 2 ranks: the same greedy answers as
+    an unsharded server, a chat's next turn (prompt-cache reuse), two requests at once, and a
+    streamed request the client drops (the cancellation is agreed by every rank)."""
+    pytest.importorskip("openai")
+    from server_support import free_port
+    from vocabs import REAL_VOCAB
+
+    if REAL_VOCAB is None:
+        pytest.skip("needs the o200k_harmony vocabulary (set TIKTOKEN_ENCODINGS_BASE)")
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    shutil.copy(REAL_VOCAB, folder / "o200k_base.tiktoken")
+    turns = ["Hello", "Why is the sky blue?"]
+
+    def exercise(url: str) -> list[str]:
+        out = [_chat(url, t, max_tokens=6) for t in turns]
+        out.append(_chat(url, turns[0] + " again", max_tokens=6))  # shares the prompt's start
+        with ThreadPoolExecutor(2) as pool:
+            out += list(pool.map(lambda t: _chat(url, t, max_tokens=5), ["One", "Two"]))
+        _stream_and_leave(url, "Tell me a long story")
+        out.append(_chat(url, "After that", max_tokens=4))
+        return out
+
+    args = ("serve", "-m", str(folder), "--max-context", "1024", "--max-concurrency", "2")
+    port = free_port()
+    plain = subprocess.Popen(
+        cli(*args, "--port", str(port)),
+        env=rank_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _serving(plain, f"http://127.0.0.1:{port}")
+        ref = exercise(f"http://127.0.0.1:{port}")
+    finally:
+        plain.kill()
+        plain.wait()
+    port = free_port()
+    proc = start(2, cli(*args, "--port", str(port), "--shard", "expert"))
+    try:
+        _serving(proc, f"http://127.0.0.1:{port}")
+        got = exercise(f"http://127.0.0.1:{port}")
+    finally:
+        done = finish_killed(proc)
+    assert any(ref) and got == ref
+    assert "Traceback" not in done.stderr and "error" not in done.stderr, done.stderr[-2000:]

@@ -9,7 +9,9 @@ import sys
 
 import click
 
+from ..errors import UsageError
 from .main import CONTEXT_SETTINGS, handle_errors, main
+from .sharded import shard_options
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -117,6 +119,7 @@ def default_model_id(config, folder) -> str:
     metavar="ORIGIN",
     help="Allow browser pages from ORIGIN (repeatable; * for any). CORS is off by default.",
 )
+@shard_options
 @handle_errors
 def serve(
     model,
@@ -131,6 +134,8 @@ def serve(
     model_id,
     strict_tools,
     cors_origins,
+    shard,
+    shard_timeout,
 ) -> None:
     """Serve the model over the OpenAI API: Chat Completions and Responses.
 
@@ -144,11 +149,24 @@ def serve(
       gptoss-mlx serve                                  # http://127.0.0.1:8000/v1
       gptoss-mlx serve -m ~/models/gpt-oss-20b-mlx --max-concurrency 8
       gptoss-mlx serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+      mlx.launch --hostfile ring.json -- .venv/bin/gptoss-mlx serve --shard expert -m DIR
     \b
     Then, from Python:
       OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     Codex CLI: a [model_providers.gptoss] entry with wire_api = "responses" (see README).
     """
+    from .sharded import follow, join_cluster, lead_scheduler, open_model
+
+    if shard == "pipeline" and prompt_cache_bytes:
+        raise UsageError(
+            "serve --shard pipeline keeps no prompt cache: pass --prompt-cache-bytes 0 (each "
+            "stage's KV snapshots differ in size, so the ranks' caches would disagree)"
+        )
+    # First, before anything runs MLX; the other ranks repeat rank 0's engine (cli/sharded.py).
+    cluster = join_cluster({"shard": shard, "shard_timeout": shard_timeout})
+    if cluster is not None and not cluster.leader:
+        return follow(cluster)
+
     import uvicorn
 
     from gptoss_mlx.convert.resolve import resolve_model
@@ -167,8 +185,12 @@ def serve(
             "use the model (set --api-key or GPTOSS_MLX_API_KEY)",
             err=True,
         )
-    path = resolve_model(model)
-    mdl, tok, context = load_for_inference(path, max_context, batch=max_concurrency)
+    if cluster is None:
+        path = resolve_model(model)
+        mdl, tok, context = load_for_inference(path, max_context, batch=max_concurrency)
+    else:
+        mdl, tok, context = open_model(cluster, model, max_context, batch=max_concurrency)
+        path = resolve_model(model)  # converted by now: only its folder, for the model id
     scheduler = Scheduler(
         mdl,
         tok,
@@ -188,6 +210,7 @@ def serve(
         strict_tools=strict_tools,
     )
     app = create_app(state, cors_origins=cors_origins)
+    lead_scheduler(cluster, scheduler)  # --shard: every rank runs the engine's steps
     scheduler.start()
     shown = f"[{host}]" if ":" in host else host
     click.echo(

@@ -1,4 +1,5 @@
-"""`--shard` in `chat`, `generate` and `batch`: rank 0 leads, the other ranks follow its orders.
+"""`--shard` in `chat`, `generate`, `batch` and `serve`: rank 0 leads, the other ranks follow
+its orders.
 
 Under `mlx.launch` every rank runs the same command. Rank 0 runs it as usual: it reads the input,
 prints, asks about tool calls, writes files. The others never read input or files and print
@@ -12,6 +13,8 @@ Orders, each a JSON message (Cluster.broadcast):
                                 /effort, /system or MCP tools on rank 0 need no order of their own
   complete                      a --raw completion (token ids in, generate_tokens run out)
   batch                         a batch job's settings, then its input lines one by one
+  serve                         a server's engine settings, then each answer to the engine's
+                                "next request?" (a request, or none ready yet), until it stops
   quit                          rank 0 is done
 A rank that fails ends every rank (mlx.launch stops the others; without it, their next
 collective finds the connection gone), each with at most one line.
@@ -256,6 +259,121 @@ def lead_batch(cluster: Cluster | None, job: Any) -> None:
     job.run = mirrored_run
 
 
+def lead_scheduler(cluster: Cluster | None, scheduler: Any) -> None:
+    """Make a server's Scheduler (engine/scheduler.py) run its batch engine on every rank: each
+    time the engine asks for the next request, rank 0's answer (a request, or none ready yet)
+    goes to every rank, and a client's cancellation is agreed each step (batching.py). An engine
+    that fails on rank 0 ends every rank: the scheduler would start a new engine there alone."""
+    if cluster is None:
+        return
+    store = scheduler.store
+    if store is not None and cluster.mode == "pipeline":
+        # Each stage's KV snapshots have sizes of their own (its own mix of sliding and full
+        # layers), so the ranks' stores would evict different prompts and prefill differently.
+        raise UsageError(
+            "serve --shard pipeline keeps no prompt cache: pass --prompt-cache-bytes 0 (or use "
+            "--shard expert or tensor, whose ranks' caches have the same sizes)"
+        )
+    leader = Leader(cluster)
+    admit = scheduler._admit  # the engine's request source (blocks while there is no work)
+    settings = {
+        "batch_size": scheduler.max_concurrency,
+        "stop_ids": list(scheduler.stop_ids),
+        "max_context": scheduler.max_context,
+        "prompt_cache_bytes": store.max_bytes if store is not None else 0,
+    }
+
+    def mirrored_admit() -> Iterator[Any]:
+        leader.order("serve", **settings)
+        items = admit()
+        ended = False
+        try:
+            while True:
+                cluster.idle()  # waiting for clients is not timed
+                item = next(items, StopIteration)
+                if item is StopIteration:
+                    ended = True
+                    cluster.broadcast({"end": True})
+                    leader.done()
+                    return
+                cluster.broadcast({"request": _request_json(item) if item is not None else None})
+                yield item
+        finally:
+            if not ended:
+                cluster._end(
+                    1,
+                    "error: rank 0: the engine failed in a sharded server; stopping every rank "
+                    "(see the log above)",
+                )
+
+    scheduler._admit = mirrored_admit
+
+
+def _request_json(req: Any) -> dict[str, Any]:
+    grammar = getattr(req.constraint, "grammar", None) if req.constraint is not None else None
+    return {
+        "prompt": list(req.prompt),
+        "max_tokens": req.max_tokens,
+        "sampling": dataclasses.asdict(req.sampling),
+        "id": req.id,
+        "stop_ids": list(req.stop_ids) if req.stop_ids is not None else None,
+        "max_context": req.max_context,
+        "cancellable": req.cancelled is not None,
+        "lark": grammar.lark if grammar is not None else None,
+    }
+
+
+def _follow_server(cluster: Cluster, model: Any, tokenizer: Any, order: dict[str, Any]) -> None:
+    from ..engine.batching import BatchEngine, BatchRequest
+    from ..engine.chat import harmony_ids
+    from ..engine.constraints.matcher import Grammar, ll_tokenizer
+    from ..engine.generate import SamplingParams
+    from ..engine.prompt_store import PromptStore
+
+    size = order["prompt_cache_bytes"]
+    store = PromptStore(size, message_start=harmony_ids(tokenizer).start) if size else None
+    engine = BatchEngine(
+        model,
+        batch_size=order["batch_size"],
+        stop_ids=order["stop_ids"],
+        max_context=order["max_context"],
+        prompt_store=store,
+    )
+    grammars: dict[str, Any] = {}
+
+    def never() -> bool:
+        return False  # rank 0's clients cancel; the engine agrees on it each step
+
+    def requests() -> Iterator[BatchRequest | None]:
+        while True:
+            msg = cluster.broadcast(idle=True)
+            if "end" in msg:
+                return
+            r = msg["request"]
+            if r is None:
+                yield None
+                continue
+            constraint = None
+            if r["lark"] is not None:
+                if r["lark"] not in grammars:
+                    lltok = ll_tokenizer(tokenizer, model.config.vocab_size)
+                    grammars[r["lark"]] = Grammar(r["lark"], lltok, None)
+                constraint = grammars[r["lark"]].constraint()
+            yield BatchRequest(
+                r["prompt"],
+                max_tokens=r["max_tokens"],
+                sampling=SamplingParams(**r["sampling"]),
+                id=r["id"],
+                stop_ids=r["stop_ids"],
+                max_context=r["max_context"],
+                cancelled=never if r["cancellable"] else None,
+                constraint=constraint,
+            )
+
+    for _ in engine.run(requests()):
+        pass
+
+
 def _send_lines(cluster: Cluster, lines: Iterable[Any]) -> Iterator[Any]:
     for line in lines:  # reading may wait on a pipe: not timed
         cluster.broadcast({"line": dataclasses.asdict(line)})
@@ -313,6 +431,8 @@ def follow(cluster: Cluster) -> None:
                         pass
                 elif kind == "batch":
                     _follow_batch(cluster, model, tokenizer, order)
+                elif kind == "serve":
+                    _follow_server(cluster, model, tokenizer, order)
                 else:
                     raise UsageError(f"unknown order {kind!r} from rank 0 (mismatched versions?)")
             except GptOssError:

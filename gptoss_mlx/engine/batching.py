@@ -33,7 +33,7 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCa
 
 from ..errors import GptOssError, UsageError
 from ..harmony.parser import HarmonyIds
-from .distributed import agree_on_tokens
+from .distributed import agree_on_rows, agree_on_tokens
 from .generate import NonFiniteLogitsError, SamplingParams, prefill, room_to_generate
 
 # The error of a sequence whose logits went NaN or infinite (where `generate` would raise
@@ -483,6 +483,8 @@ class BatchEngine:
         # A row whose pending token is its last is never fed back: no wasted work, and its
         # caches never hold more than its context limit. A cancelled row is not fed either.
         gone = {i for i, r in enumerate(rows) if r.cancelled is not None and r.cancelled()}
+        if any(r.cancelled is not None for r in rows):
+            gone = agree_on_rows(self.model, gone, len(rows))  # a sharded model: rank 0's
         feed = [i for i, r in enumerate(rows) if len(r.tokens) + 1 < r.budget and i not in gone]
         batch.keep(feed)
         tokens = finite = broken = None

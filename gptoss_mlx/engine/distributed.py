@@ -247,6 +247,20 @@ def agree_on_tokens(model: Any, y: mx.array, ok: mx.array) -> tuple[mx.array, mx
     return mx.maximum(shared, 0).astype(y.dtype), shared >= 0
 
 
+def agree_on_rows(model: Any, rows: set[int], n: int) -> set[int]:
+    """Rank 0's choice of rows (of `n`) on every rank of a sharded `model`: which sequences a
+    server's clients cancelled, which only rank 0 knows (one int32 all_sum of n flags)."""
+    plan = getattr(model, "plan", None)
+    group = getattr(model, "group", None)
+    if plan is None or group is None or plan.size == 1:
+        return rows
+    flags = np.zeros(n, dtype=np.int32)
+    if plan.rank == 0:
+        flags[sorted(rows)] = 1
+    got = np.array(mx.distributed.all_sum(mx.array(flags), group=group))
+    return {int(i) for i in np.nonzero(got)[0]}
+
+
 # --------------------------------------------------------------------------- joining
 
 

@@ -107,6 +107,7 @@ class TokenConstraint:
         self.matcher: LLMatcher | None = matcher
         self.tokens = 0  # consumed so far
         self.mask_seconds: list[float] | None = None
+        self.grammar: Grammar | None = None  # the grammar it follows (set by Grammar.constraint)
 
     @property
     def closed(self) -> bool:
@@ -159,7 +160,9 @@ class Grammar:
         matcher = LLMatcher(self._lltok, self._grammar, log_level=0)
         if matcher.is_error():  # checked in compile_grammar; a failure here is a bug
             raise ConstraintError(f"the grammar failed to compile: {_reason(matcher.get_error())}")
-        return TokenConstraint(matcher)
+        constraint = TokenConstraint(matcher)
+        constraint.grammar = self  # a sharded server sends it to the other ranks (cli/sharded.py)
+        return constraint
 
 
 def compile_grammar(
