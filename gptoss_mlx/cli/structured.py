@@ -101,9 +101,10 @@ def structured_from_options(opts: dict[str, Any], *, raw: bool = False) -> Struc
     }
     named = [flag for flag, on in given.items() if on]
     if raw and named:
+        one = len(named) == 1
         raise UsageError(
             f"--raw completes plain text without harmony: {', '.join(named)} "
-            "apply only to harmony turns; drop them or drop --raw"
+            f"{'does' if one else 'do'} not apply to it; drop {'it' if one else 'them'} or drop --raw"
         )
     if path is not None and json_object:
         raise UsageError("--response-format and --json-object: give one of them")

@@ -17,11 +17,12 @@ are tokens here, never their text):
 `%json{parameters}` for a strict tool, free text for one that is not. Forcing the headers is the
 point: a grammar that starts only after the reasoning lets the model skip `final` (SGLang #31019)
 or slip out through `<|constrain|>` (vLLM #28000), and one that constrains from the first token
-kills the reasoning (Ollama #11691). See docs in /work/shared/reference/structured-outputs.md.
+kills the reasoning (Ollama #11691).
 
 JSON is compact (llguidance's `whitespace_flexible: false`): with flexible whitespace a model that
-is unsure can emit spaces and tabs until max_tokens (measured: 3 of 8 small schemas under random
-logits), compact JSON always closes. A schema's own "x-guidance" options win over that default.
+is unsure can emit spaces and tabs until max_tokens (measured with random logits on 8 small
+bounded schemas: 3 ran to 400 tokens of whitespace; compact, all 8 closed within 47 tokens).
+A schema's own "x-guidance" options win over that default.
 
 A reasoning budget (`max_reasoning_tokens` = N) allows one analysis message of at most N tokens
 of text (llguidance's `max_tokens` on the lexeme), after which the grammar closes it and moves
