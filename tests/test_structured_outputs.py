@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import jsonschema
 import pytest
 from click.testing import CliRunner
 
@@ -30,6 +29,7 @@ from gptoss_mlx.engine.generate import SamplingParams
 from gptoss_mlx.engine.runtime import load_for_inference
 from gptoss_mlx.harmony.render import render_prompt
 from gptoss_mlx.harmony.request import parse_chat_request
+from structured_cases import PARAMETERS, SCHEMAS, TIME, TOOLS, WEATHER, response_format, validate
 from vocabs import REAL_VOCAB, needs_real_vocab
 
 pytestmark = needs_real_vocab("llguidance masks the model's real o200k tokens")
@@ -38,130 +38,6 @@ DATE = "2025-01-01"
 GREEDY = SamplingParams(temperature=0.0)
 BUDGET = 2  # reasoning tokens: enough to exercise the analysis, few enough to stay fast
 MAX_TOKENS = 160
-
-SCHEMAS = {
-    "nested": {
-        "type": "object",
-        "properties": {
-            "user": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "maxLength": 8},
-                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                },
-                "required": ["name", "age"],
-                "additionalProperties": False,
-            }
-        },
-        "required": ["user"],
-        "additionalProperties": False,
-    },
-    "array": {
-        "type": "array",
-        "items": {"type": "integer", "minimum": 0, "maximum": 9},
-        "minItems": 2,
-        "maxItems": 4,
-    },
-    "enum": {
-        "type": "object",
-        "properties": {
-            "color": {"enum": ["red", "green", "blue"]},
-            "size": {"type": "string", "enum": ["S", "M", "L"]},
-        },
-        "required": ["color", "size"],
-        "additionalProperties": False,
-    },
-    "anyOf": {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {
-                    "kind": {"const": "circle"},
-                    "r": {"type": "integer", "minimum": 1, "maximum": 9},
-                },
-                "required": ["kind", "r"],
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "properties": {
-                    "kind": {"const": "square"},
-                    "side": {"type": "integer", "minimum": 1, "maximum": 9},
-                },
-                "required": ["kind", "side"],
-                "additionalProperties": False,
-            },
-        ]
-    },
-    "required": {
-        "type": "object",
-        "properties": {
-            "a": {"type": "boolean"},
-            "b": {"type": "null"},
-            "c": {"type": "string", "maxLength": 4},
-        },
-        "required": ["a"],
-        "additionalProperties": False,
-    },
-    "pattern": {
-        "type": "object",
-        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
-        "required": ["code"],
-        "additionalProperties": False,
-    },
-    "format": {
-        "type": "object",
-        "properties": {
-            "day": {"type": "string", "format": "date"},
-            "id": {"type": "string", "format": "uuid"},
-        },
-        "required": ["day", "id"],
-        "additionalProperties": False,
-    },
-    "numbers": {
-        "type": "object",
-        "properties": {
-            "x": {"type": "number", "minimum": -1.5, "maximum": 2.5, "multipleOf": 0.5},
-            "n": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 10},
-        },
-        "required": ["x", "n"],
-        "additionalProperties": False,
-    },
-}
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["C", "F"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"zone": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}$"}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "get_weather", "parameters": WEATHER, "strict": True},
-    },
-    {"type": "function", "function": {"name": "get_time", "parameters": TIME, "strict": True}},
-]
-PARAMETERS = {"get_weather": WEATHER, "get_time": TIME}
-
-
-def response_format(name: str) -> dict:
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}}
-
-
-def validate(text: str, schema: dict) -> None:
-    """The answer parses as JSON and validates, formats included (the oracle)."""
-    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    jsonschema.validate(json.loads(text), schema, format_checker=checker)
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,14 @@ def build_chat_call(body: CompletionCreateParams, state) -> ChatCall:
         "tool_choice": body.tool_choice,
     }
     request = parse_chat_request(obj)
-    spec = generation_spec(request, state, max_tokens=max_tokens, sampling=sampling, stops=stops)
+    spec = generation_spec(
+        request,
+        state,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stops=stops,
+        max_reasoning_tokens=body.max_reasoning_tokens,
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     show_reasoning = not (body.reasoning is not None and body.reasoning.exclude)
     return ChatCall(request, spec, bool(body.stream), include_usage, show_reasoning)

@@ -65,6 +65,8 @@ class CompletionCreateParams(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
+    # gptoss-mlx extension (engine/constraints): close the reasoning after N tokens and answer.
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
     modalities: list[str] | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None

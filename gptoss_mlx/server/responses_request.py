@@ -102,7 +102,13 @@ def build_responses_call(body: ResponseCreateParams, state) -> ResponsesCall:
         raise bad_request(f"input: {e}", "input") from None
     request = replace(request, response_format=response_format)
     try:
-        spec = generation_spec(request, state, max_tokens=body.max_output_tokens, sampling=sampling)
+        spec = generation_spec(
+            request,
+            state,
+            max_tokens=body.max_output_tokens,
+            sampling=sampling,
+            max_reasoning_tokens=body.max_reasoning_tokens,
+        )
     except UsageError as e:  # the grammar names the chat field; here it is text.format
         message = str(e)
         if message.startswith("response_format"):

@@ -43,6 +43,8 @@ class ResponseCreateParams(_Strict):
     parallel_tool_calls: bool | None = None
     reasoning: Reasoning | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
+    # gptoss-mlx extension (engine/constraints): close the reasoning after N tokens and answer.
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = None
     top_p: float | None = None
     store: bool | None = None

@@ -46,12 +46,14 @@ class GrammarCache(OrderedDict):
             self.popitem(last=False)
 
 
-def grammar_for(request: ChatRequest, state) -> Any:
-    """The compiled grammar that holds `request`'s turn to its format and tool choice, or None
-    when nothing constrains it; UsageError (400) naming what cannot be enforced."""
+def grammar_for(request: ChatRequest, state, max_reasoning_tokens: int | None = None) -> Any:
+    """The compiled grammar that holds `request`'s turn to its format, tool choice and reasoning
+    budget, or None when nothing constrains it; UsageError (400) naming what cannot be enforced."""
     from ..engine.constraints import GrammarSpec, compile_grammar
 
-    spec = GrammarSpec.of(request, strict_tools=state.strict_tools)
+    spec = GrammarSpec.of(
+        request, strict_tools=state.strict_tools, max_reasoning_tokens=max_reasoning_tokens
+    )
     return compile_grammar(spec, state.tokenizer, state.vocab_size, cache=state.grammars)
 
 
@@ -87,11 +89,12 @@ def generation_spec(
     max_tokens: int | None,
     sampling: SamplingParams,
     stops: tuple[str, ...] = (),
+    max_reasoning_tokens: int | None = None,
 ) -> GenerationSpec:
     """Render `request`, compile its grammar (if any), and size the budget: `max_tokens`, or the
     room the context leaves. A prompt that does not fit is left for the scheduler to refuse
     (ContextLengthExceeded -> 400 context_length_exceeded)."""
-    grammar = grammar_for(request, state)
+    grammar = grammar_for(request, state, max_reasoning_tokens)
     prompt = render_prompt(request, state.tokenizer)
     room = max(1, state.max_context - len(prompt))
     budget = room if max_tokens is None else min(max_tokens, room)
