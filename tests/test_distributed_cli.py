@@ -191,6 +191,9 @@ def test_ranks_without_shard_are_refused(model):
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and "--shard" in p.stderr
     assert len(p.stderr.splitlines()) == 1
+    # The other ranks exit the same way, silently: the launcher shows one line, not N.
+    other = subprocess.run(cmd, capture_output=True, text=True, env=rank_env(MLX_RANK="1"))
+    assert other.returncode == 2 and other.stderr == ""
 
 
 def test_shard_help_teaches():

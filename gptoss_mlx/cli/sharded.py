@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import GptOssError, UsageError
+from ..errors import GptOssError, OutputError, UsageError
 
 if TYPE_CHECKING:  # MLX is imported when a command runs, never by `--help`
     from ..engine.distributed import Cluster
@@ -78,12 +78,14 @@ def join_cluster(opts: dict[str, Any]) -> Cluster | None:
     """Pop --shard/--shard-timeout from a command's options and join the other ranks. Call it
     first thing in the command, before anything runs MLX (see engine/distributed.join).
     None: not sharded (no --shard, or --shard in a single process, which runs unsharded)."""
-    from ..engine.distributed import join, launched, quiet_followers
+    from ..engine.distributed import join, launched, launcher_rank, quiet_followers
 
     mode = opts.pop("shard", None)
     timeout = opts.pop("shard_timeout", DEFAULT_TIMEOUT)
     if mode is None:
         if launched():
+            if launcher_rank() != 0:
+                raise SystemExit(2)  # rank 0 says why, once
             raise UsageError(
                 "started as one of several processes (mlx.launch) but without --shard: pass "
                 "--shard expert|tensor|pipeline, or run a single process"
@@ -187,6 +189,10 @@ class MirroredSession:
         with self._leader.cluster.guard():
             try:
                 result = call()
+            except OutputError as e:
+                # Rank 0's own output failed mid-turn while the others go on: the run ends.
+                self._leader.cluster.end(e.exit_code, f"error: {e}")
+                raise
             except GptOssError:
                 # Errors from the inputs or the shared tokens: every rank met the same one at
                 # the same point and waits for the next order (see follow).
@@ -300,7 +306,7 @@ def lead_scheduler(cluster: Cluster | None, scheduler: Any) -> None:
                 yield item
         finally:
             if not ended:
-                cluster._end(
+                cluster.end(
                     1,
                     "error: rank 0: the engine failed in a sharded server; stopping every rank "
                     "(see the log above)",

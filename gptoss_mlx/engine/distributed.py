@@ -52,6 +52,15 @@ def launched() -> bool:
     return any(k in os.environ for k in LAUNCHER_ENV)
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher numbered it (before any group exists)."""
+    for key in LAUNCHER_ENV:
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def launched_by_mlx() -> bool:
     """Started by mlx.launch (which sets MLX_RANK), rather than by mpirun."""
     return "MLX_RANK" in os.environ
@@ -114,7 +123,7 @@ class Cluster:
             time.sleep(0.2)
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                self._end(
+                self.end(
                     1,
                     f"error: rank {self.rank}: no progress from the other ranks for "
                     f"{self.timeout:g} s (a rank stalled or the network between them dropped); "
@@ -124,9 +133,9 @@ class Cluster:
     def _signals(self) -> None:
         signo = signal.sigwait({signal.SIGINT, signal.SIGTERM})
         if signo == signal.SIGINT:
-            self._end(130, "interrupted (a sharded run stops as a whole)" if self.leader else "")
+            self.end(130, "interrupted (a sharded run stops as a whole)" if self.leader else "")
         else:
-            self._end(
+            self.end(
                 143,
                 "error: stopped by SIGTERM (mlx.launch stops every rank once one of them "
                 "fails; its message is above)"
@@ -134,7 +143,7 @@ class Cluster:
                 else "",
             )
 
-    def _end(self, code: int, line: str) -> None:
+    def end(self, code: int, line: str) -> None:
         """End this process now, from any thread (the main one may be blocked in a collective)."""
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -221,7 +230,7 @@ class _Guard:
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
         text = str(exc) if isinstance(exc, RuntimeError) else ""
         if any(mark in text for mark in ("[ring]", "[jaccl]", "[mpi]", "peer", "connection")):
-            self.cluster._end(
+            self.cluster.end(
                 1,
                 f"error: rank {self.cluster.rank}: lost contact with another rank ({exc}); it "
                 "stopped or its machine is unreachable",
