@@ -14,7 +14,6 @@ allows) is a turn that wrote text before calling: in harmony, a commentary-chann
 `preambles`, one commentary message per text part (a plain string is one part; empty parts, which
 clients send with tool calls, are none). Without `tool_calls`, content is the final answer.
 
-
 Every problem raises UsageError naming the field, e.g. "messages[2].role: unknown role 'bot'".
 """
 
