@@ -17,7 +17,6 @@ import pytest
 
 from conftest import make_tiny_config
 from gptoss_mlx.harmony.calls import refusal_text
-from gptoss_mlx.harmony.tokenizer import find_default_vocab
 from scripted_chat import WEATHER_TOOL, final_answer, ids, tool_call
 from server_support import (
     ScriptedModel,
@@ -29,14 +28,10 @@ from server_support import (
     sse_stream,
     wait_until,
 )
+from vocabs import needs_real_vocab
 
 openai = pytest.importorskip("openai")
-if find_default_vocab() is None:
-    pytest.skip(
-        "needs the o200k_harmony vocabulary: set TIKTOKEN_ENCODINGS_BASE=/path/to/folder with "
-        "o200k_base.tiktoken",
-        allow_module_level=True,
-    )
+pytestmark = needs_real_vocab("the server renders and parses harmony with the real tokens")
 
 MODEL = "gpt-oss-20b"
 CONTEXT = 1024

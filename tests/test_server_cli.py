@@ -14,11 +14,10 @@ import time
 import pytest
 
 from conftest import convert_chat_model
-from gptoss_mlx.harmony.tokenizer import find_default_vocab
 from server_support import free_port, request, wait_until
+from vocabs import REAL_VOCAB
 
 openai = pytest.importorskip("openai")
-REAL_VOCAB = find_default_vocab()
 KEY = "cli-key-123"
 
 

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_config
-from gptoss_mlx.harmony.tokenizer import find_default_vocab
 from scripted_chat import final_answer, ids
 from server_support import (
     NAN,
@@ -30,14 +29,10 @@ from server_support import (
     sse_stream,
     wait_until,
 )
+from vocabs import needs_real_vocab
 
 openai = pytest.importorskip("openai")
-if find_default_vocab() is None:
-    pytest.skip(
-        "needs the o200k_harmony vocabulary: set TIKTOKEN_ENCODINGS_BASE=/path/to/folder with "
-        "o200k_base.tiktoken",
-        allow_module_level=True,
-    )
+pytestmark = needs_real_vocab("the server renders and parses harmony with the real tokens")
 
 MODEL = "gpt-oss-20b"
 KEY = "sk-test-0123456789abcdef"

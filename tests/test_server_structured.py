@@ -13,17 +13,12 @@ import json
 import pytest
 
 from conftest import make_tiny_config
-from gptoss_mlx.harmony.tokenizer import find_default_vocab
 from server_support import serving
 from structured_cases import PARAMETERS, SCHEMAS, TOOLS, WEATHER, response_format, validate
+from vocabs import needs_real_vocab
 
 openai = pytest.importorskip("openai")
-if find_default_vocab() is None:
-    pytest.skip(
-        "needs the o200k_harmony vocabulary: set TIKTOKEN_ENCODINGS_BASE=/path/to/folder with "
-        "o200k_base.tiktoken",
-        allow_module_level=True,
-    )
+pytestmark = needs_real_vocab("the server renders and parses harmony with the real tokens")
 
 MODEL = "gpt-oss-20b"
 FAST = {"max_reasoning_tokens": 2}  # a short reasoning, then the answer
